@@ -1,0 +1,506 @@
+//! Configuration: built-in defaults, the `wsnic.conf` file format, command-line overrides and
+//! validation. Pure: nothing here touches the network, so a bad value is reported (with
+//! file:line:key) before any change is made.
+//!
+//! One table, [`KEYS`], lists every key with its default and a one-line explanation; the CLI
+//! options, `--help` and the checks that keep `wsnic.conf.template` complete are derived
+//! from it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::time::Duration;
+
+/// An IPv4 subnet in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Net {
+    pub fn mask(&self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix)
+        }
+    }
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !self.mask())
+    }
+    /// The first host address: the bridge's (gateway's) address.
+    pub fn first_host(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network()) + 1)
+    }
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network())
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Ipv4Net {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s.split_once('/').ok_or("expected an IPv4 subnet like 192.168.2.0/24")?;
+        let addr: Ipv4Addr = a.trim().parse().map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let prefix: u8 =
+            p.trim().parse().ok().filter(|p| *p <= 32).ok_or(format!("{p:?} is not a prefix length 0..32"))?;
+        let net = Ipv4Net { addr, prefix };
+        if net.network() != addr {
+            return Err(format!("host bits are set; did you mean {}/{}?", net.network(), prefix));
+        }
+        Ok(net)
+    }
+}
+
+/// The running configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub ws_server_addr: IpAddr,
+    pub ws_server_port: u16,
+    /// Uplink interface; `None`: the interface of the default route.
+    pub eth_iface: Option<String>,
+    pub bridge_subnet: Ipv4Net,
+    pub bridge_restrict_inbound: bool,
+    pub bridge_name: String,
+    pub tap_prefix: String,
+    pub nat: bool,
+    pub max_frame_size: usize,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub dhcp_gateway: Option<Ipv4Addr>,
+    pub dhcp_domain_name: Option<String>,
+    pub dhcp_domain_name_server: Vec<Ipv4Addr>,
+    pub dhcp_lease_time: u32,
+    /// Where each key was last set ("wsnic.conf:12", "--bridge-name"); for error messages.
+    origins: HashMap<&'static str, String>,
+}
+
+/// One configuration key: its name, default (as written in the file) and meaning.
+pub struct Key {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Every key, in the order of `wsnic.conf.template`.
+pub const KEYS: &[Key] = &[
+    Key {
+        name: "ws_server_addr",
+        default: "127.0.0.1",
+        help: "address the WebSocket server listens on (0.0.0.0 or :: for all interfaces)",
+    },
+    Key { name: "ws_server_port", default: "8070", help: "TCP port of the WebSocket server" },
+    Key {
+        name: "eth_iface",
+        default: "",
+        help: "uplink interface that the subnet is NAT-ed to (empty: the interface of the default route)",
+    },
+    Key {
+        name: "bridge_subnet",
+        default: "192.168.2.0/24",
+        help: "subnet of the bridge; its first host address is the bridge's (gateway) address; /30 or larger",
+    },
+    Key {
+        name: "bridge_restrict_inbound",
+        default: "true",
+        help: "true: only established/related traffic passes from the uplink to the bridge",
+    },
+    Key {
+        name: "bridge_name",
+        default: "wsnicbr0",
+        help: "name of the bridge that wsnic creates (or adopts, if it already exists)",
+    },
+    Key {
+        name: "tap_prefix",
+        default: "wsnic",
+        help: "name prefix of the per-client TAP devices (wsnic0, wsnic1, ...)",
+    },
+    Key { name: "nat", default: "true", help: "masquerade the subnet to the uplink (false: route it yourself)" },
+    Key {
+        name: "max_frame_size",
+        default: "65549",
+        help:
+            "largest Ethernet frame (bytes, without FCS) a client may send or receive, 1514..65549; larger: close 1009",
+    },
+    Key { name: "ping_interval", default: "30s", help: "a client silent this long gets a WebSocket PING" },
+    Key {
+        name: "idle_timeout",
+        default: "100s",
+        help: "a client silent this long is disconnected (must exceed ping_interval)",
+    },
+    Key {
+        name: "handshake_timeout",
+        default: "30s",
+        help: "a connection that has not completed its WebSocket handshake after this long is dropped",
+    },
+    Key { name: "dhcp_gateway", default: "", help: "router address handed out by DHCP (empty: the bridge's address)" },
+    Key { name: "dhcp_domain_name", default: "", help: "domain name handed out by DHCP (empty: none)" },
+    Key {
+        name: "dhcp_domain_name_server",
+        default: "8.8.8.8, 8.8.4.4",
+        help: "DNS servers handed out by DHCP, comma-separated (empty: none)",
+    },
+    Key { name: "dhcp_lease_time", default: "86400", help: "DHCP lease time in seconds" },
+];
+
+/// A configuration error, located: `wsnic.conf:12: bridge_subnet: ...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// "FILE:LINE", "--option" or "defaults".
+    pub origin: String,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(k) => write!(f, "{}: {}: {}", self.origin, k, self.message),
+            None => write!(f, "{}: {}", self.origin, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Default for Config {
+    fn default() -> Config {
+        let mut c = Config {
+            ws_server_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ws_server_port: 0,
+            eth_iface: None,
+            bridge_subnet: Ipv4Net { addr: Ipv4Addr::UNSPECIFIED, prefix: 0 },
+            bridge_restrict_inbound: false,
+            bridge_name: String::new(),
+            tap_prefix: String::new(),
+            nat: false,
+            max_frame_size: 0,
+            ping_interval: Duration::ZERO,
+            idle_timeout: Duration::ZERO,
+            handshake_timeout: Duration::ZERO,
+            dhcp_gateway: None,
+            dhcp_domain_name: None,
+            dhcp_domain_name_server: Vec::new(),
+            dhcp_lease_time: 0,
+            origins: HashMap::new(),
+        };
+        for k in KEYS {
+            c.set(k.name, k.default).expect("built-in default is valid");
+        }
+        c.origins.clear();
+        c
+    }
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Ok(true),
+        "false" | "no" | "off" | "0" => Ok(false),
+        _ => Err(format!("{v:?} is not a boolean (true or false)")),
+    }
+}
+
+/// `30`, `30s`, `500ms`, `2m`, `1h`.
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    let err = || format!("{v:?} is not a duration (e.g. 30s, 500ms, 2m)");
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(err()),
+    };
+    if d.is_zero() {
+        return Err(format!("{v:?}: must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn parse_num<T: std::str::FromStr>(v: &str, what: &str) -> Result<T, String> {
+    v.parse().map_err(|_| format!("{v:?} is not {what}"))
+}
+
+fn opt(v: &str) -> Option<&str> {
+    Some(v).filter(|v| !v.is_empty())
+}
+
+/// A Linux interface name: 1..15 bytes, no '/', whitespace or ':'.
+fn check_ifname(v: &str, max: usize) -> Result<String, String> {
+    if v.is_empty()
+        || v.len() > max
+        || v.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+        || v == "."
+        || v == ".."
+    {
+        return Err(format!("{v:?} is not a valid interface name (1..{max} characters, no '/', ':' or spaces)"));
+    }
+    Ok(v.to_string())
+}
+
+impl Config {
+    /// Set `key` from its textual `value` (already trimmed). Err: why the value is wrong.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let v = value.trim();
+        match key {
+            "ws_server_addr" => self.ws_server_addr = parse_num(v, "an IP address")?,
+            "ws_server_port" => {
+                self.ws_server_port = parse_num(v, "a port number").and_then(|p: u16| {
+                    if p == 0 {
+                        Err("port 0 is not allowed".into())
+                    } else {
+                        Ok(p)
+                    }
+                })?
+            }
+            "eth_iface" => self.eth_iface = opt(v).map(|v| check_ifname(v, 15)).transpose()?,
+            "bridge_subnet" => {
+                let net: Ipv4Net = v.parse()?;
+                if net.prefix > 30 {
+                    return Err(format!(
+                        "{v} is too small: a /30 or larger is needed (network, bridge, at least one client, broadcast)"
+                    ));
+                }
+                self.bridge_subnet = net;
+            }
+            "bridge_restrict_inbound" => self.bridge_restrict_inbound = parse_bool(v)?,
+            "bridge_name" => self.bridge_name = check_ifname(v, 15)?,
+            // The kernel appends the device number; leave room for up to 5 digits.
+            "tap_prefix" => self.tap_prefix = check_ifname(v, 10)?,
+            "nat" => self.nat = parse_bool(v)?,
+            "max_frame_size" => {
+                let n: usize = parse_num(v, "a number of bytes")?;
+                if !(1514..=65549).contains(&n) {
+                    return Err(format!("{n} is outside 1514..65549"));
+                }
+                self.max_frame_size = n;
+            }
+            "ping_interval" => self.ping_interval = parse_duration(v)?,
+            "idle_timeout" => self.idle_timeout = parse_duration(v)?,
+            "handshake_timeout" => self.handshake_timeout = parse_duration(v)?,
+            "dhcp_gateway" => self.dhcp_gateway = opt(v).map(|v| parse_num(v, "an IPv4 address")).transpose()?,
+            "dhcp_domain_name" => self.dhcp_domain_name = opt(v).map(str::to_string),
+            "dhcp_domain_name_server" => {
+                self.dhcp_domain_name_server = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| parse_num(s, "an IPv4 address"))
+                    .collect::<Result<_, _>>()?
+            }
+            "dhcp_lease_time" => {
+                self.dhcp_lease_time = parse_num(v, "a number of seconds").and_then(|n: u32| {
+                    if n < 60 {
+                        Err("must be at least 60 seconds".into())
+                    } else {
+                        Ok(n)
+                    }
+                })?
+            }
+            _ => return Err("unknown key".into()),
+        }
+        Ok(())
+    }
+
+    /// Set `key` and remember where it came from.
+    pub fn set_from(&mut self, key: &str, value: &str, origin: String) -> Result<(), ConfigError> {
+        self.set(key, value).map_err(|message| ConfigError {
+            origin: origin.clone(),
+            key: Some(key.to_string()),
+            message,
+        })?;
+        if let Some(k) = KEYS.iter().find(|k| k.name == key) {
+            self.origins.insert(k.name, origin);
+        }
+        Ok(())
+    }
+
+    /// Apply the text of a config file; `name` is how errors refer to it.
+    pub fn apply_file_text(&mut self, name: &str, text: &str) -> Result<(), ConfigError> {
+        for (i, raw) in text.lines().enumerate() {
+            let origin = format!("{name}:{}", i + 1);
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                return Err(ConfigError { origin, key: None, message: format!("expected key=value, found {line:?}") });
+            };
+            self.set_from(k.trim(), v, origin)?;
+        }
+        Ok(())
+    }
+
+    /// Read and apply a config file.
+    pub fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: name.clone(),
+            key: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        self.apply_file_text(&name, &text)
+    }
+
+    fn origin(&self, key: &str) -> String {
+        self.origins.get(key).cloned().unwrap_or_else(|| "defaults".into())
+    }
+
+    /// Checks that involve more than one key; the error names the later-set key's origin.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err =
+            |key: &str, message: String| Err(ConfigError { origin: self.origin(key), key: Some(key.into()), message });
+        if self.idle_timeout <= self.ping_interval {
+            let key = if self.origins.contains_key("idle_timeout") { "idle_timeout" } else { "ping_interval" };
+            return err(
+                key,
+                format!(
+                    "idle_timeout ({:?}) must be longer than ping_interval ({:?})",
+                    self.idle_timeout, self.ping_interval
+                ),
+            );
+        }
+        if let Some(gw) = self.dhcp_gateway {
+            if !self.bridge_subnet.contains(gw)
+                || gw == self.bridge_subnet.network()
+                || gw == self.bridge_subnet.broadcast()
+            {
+                return err(
+                    "dhcp_gateway",
+                    format!("{gw} is not a host address of bridge_subnet {}", self.bridge_subnet),
+                );
+            }
+        }
+        if self.eth_iface.as_deref() == Some(self.bridge_name.as_str()) {
+            return err("eth_iface", "the uplink cannot be the bridge itself".into());
+        }
+        if self.tap_prefix.starts_with(&self.bridge_name)
+            || self.bridge_name.starts_with(&self.tap_prefix)
+                && self.bridge_name[self.tap_prefix.len()..].bytes().all(|b| b.is_ascii_digit())
+        {
+            return err(
+                "tap_prefix",
+                format!("TAP names {}N would collide with the bridge name {}", self.tap_prefix, self.bridge_name),
+            );
+        }
+        Ok(())
+    }
+
+    /// The bridge's (gateway's) address.
+    pub fn bridge_addr(&self) -> Ipv4Addr {
+        self.bridge_subnet.first_host()
+    }
+
+    /// Name of the nftables table this instance owns (one per bridge, so instances with
+    /// different bridges never touch each other's rules).
+    pub fn nft_table(&self) -> String {
+        format!("wsnic_{}", self.bridge_name.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_original() {
+        let c = Config::default();
+        assert_eq!(c.ws_server_addr.to_string(), "127.0.0.1");
+        assert_eq!(c.ws_server_port, 8070);
+        assert_eq!(c.bridge_subnet.to_string(), "192.168.2.0/24");
+        assert_eq!(c.bridge_addr(), Ipv4Addr::new(192, 168, 2, 1));
+        assert!(c.bridge_restrict_inbound && c.nat);
+        assert_eq!(c.dhcp_domain_name_server, vec![Ipv4Addr::new(8, 8, 8, 8), Ipv4Addr::new(8, 8, 4, 4)]);
+        assert_eq!(c.dhcp_lease_time, 86400);
+        assert_eq!(c.max_frame_size, 65549);
+        assert_eq!(
+            (c.ping_interval, c.idle_timeout, c.handshake_timeout),
+            (Duration::from_secs(30), Duration::from_secs(100), Duration::from_secs(30))
+        );
+        assert_eq!(c.nft_table(), "wsnic_wsnicbr0");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn original_template_is_accepted_unchanged() {
+        let mut c = Config::default();
+        c.apply_file_text("seed.conf", include_str!("../tests/data/original-wsnic.conf")).unwrap();
+        assert_eq!(c.eth_iface.as_deref(), Some("eth0"));
+        assert_eq!(c.dhcp_gateway, None);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let mut c = Config::default();
+        let e = c.apply_file_text("w.conf", "# c\n\nbridge_subnet=192.168.2.0/31\n").unwrap_err();
+        assert_eq!(e.to_string(), "w.conf:3: bridge_subnet: 192.168.2.0/31 is too small: a /30 or larger is needed (network, bridge, at least one client, broadcast)");
+        let e = Config::default().apply_file_text("w.conf", "colour=blue\n").unwrap_err();
+        assert_eq!(e.to_string(), "w.conf:1: colour: unknown key");
+        let e = Config::default().apply_file_text("w.conf", "nat\n").unwrap_err();
+        assert!(e.to_string().starts_with("w.conf:1: expected key=value"));
+        for (line, frag) in [
+            ("ws_server_port=80800", "not a port"),
+            ("bridge_subnet=192.168.2.1/24", "did you mean 192.168.2.0/24"),
+            ("bridge_restrict_inbound=maybe", "not a boolean"),
+            ("max_frame_size=70000", "outside"),
+            ("ping_interval=10x", "not a duration"),
+            ("dhcp_domain_name_server=8.8.8.8, nope", "not an IPv4"),
+            ("bridge_name=a-very-long-bridge-name", "interface name"),
+        ] {
+            let e = Config::default().apply_file_text("f", line).unwrap_err();
+            assert!(e.to_string().contains(frag), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn cross_key_checks_name_the_origin() {
+        let mut c = Config::default();
+        c.apply_file_text("f", "ws_server_port=9000\n\nidle_timeout=10s\n").unwrap();
+        assert_eq!(c.validate().unwrap_err().origin, "f:3");
+        let mut c = Config::default();
+        c.set_from("dhcp_gateway", "10.0.0.1", "--dhcp-gateway".into()).unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "--dhcp-gateway: dhcp_gateway: 10.0.0.1 is not a host address of bridge_subnet 192.168.2.0/24"
+        );
+        let mut c = Config::default();
+        c.set("tap_prefix", "wsnicbr").unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("0s").is_err() && parse_duration("s").is_err() && parse_duration("-1").is_err());
+    }
+
+    /// The template lists every key, with its built-in default, each preceded by a comment.
+    #[test]
+    fn template_lists_every_key_with_its_default() {
+        let t = include_str!("../wsnic.conf.template");
+        for k in KEYS {
+            let line = format!("{}={}", k.name, k.default);
+            assert!(t.lines().any(|l| l.trim() == line), "template lacks `{line}`");
+        }
+        let mut c = Config::default();
+        c.apply_file_text("wsnic.conf.template", t).unwrap();
+        assert_eq!(c, Config { origins: c.origins.clone(), ..Config::default() });
+    }
+}

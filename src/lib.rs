@@ -1,0 +1,8 @@
+//! wsnic: a WebSocket to TAP relay for browser-based emulators.
+
+pub mod config;
+pub mod logging;
+pub mod netsetup;
+pub mod relay;
+pub mod sys;
+pub mod ws;

@@ -1,0 +1,107 @@
+//! `wsnic`: command line, configuration loading and the relay's start and orderly exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Arg, ArgAction, Command};
+use wsnic::config::{Config, ConfigError, KEYS};
+use wsnic::netsetup::Network;
+use wsnic::relay::{Relay, Settings};
+
+fn cli() -> Command {
+    let mut cmd = Command::new("wsnic")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("WebSocket to TAP device relay: gives browser-based emulators (v86, jor1k, JSLinux) a real, NAT-ed virtual network")
+        .after_help("Every configuration key can be given as --key-name VALUE (or --key_name); command line beats file beats built-in default.\nNeeds root or CAP_NET_ADMIN.")
+        .arg(Arg::new("config").short('c').long("config").value_name("FILE").help("configuration file (default: wsnic.conf in the working directory, if it exists)"))
+        .arg(Arg::new("verbose").short('v').long("verbose").action(ArgAction::SetTrue).conflicts_with("quiet").help("print debug output"))
+        .arg(Arg::new("quiet").short('q').long("quiet").action(ArgAction::SetTrue).help("print only warnings and errors"));
+    for k in KEYS {
+        let long = k.name.replace('_', "-");
+        let help =
+            if k.default.is_empty() { k.help.to_string() } else { format!("{} [default: {}]", k.help, k.default) };
+        cmd = cmd.arg(
+            Arg::new(k.name).long(long).alias(k.name).value_name("VALUE").help(help).help_heading("Configuration keys"),
+        );
+    }
+    cmd
+}
+
+fn load_config(m: &clap::ArgMatches) -> Result<Config, ConfigError> {
+    let mut cfg = Config::default();
+    let file = match m.get_one::<String>("config") {
+        Some(f) => Some(PathBuf::from(f)),
+        None => Some(PathBuf::from("wsnic.conf")).filter(|p| p.exists()),
+    };
+    if let Some(f) = &file {
+        cfg.apply_file(f)?;
+    }
+    for k in KEYS {
+        if let Some(v) = m.get_one::<String>(k.name) {
+            cfg.set_from(k.name, v, format!("--{}", k.name.replace('_', "-")))?;
+        }
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let m = cli().get_matches();
+    wsnic::logging::init(if m.get_flag("verbose") {
+        1
+    } else if m.get_flag("quiet") {
+        -1
+    } else {
+        0
+    });
+    let cfg = match load_config(&m) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wsnic: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !wsnic::sys::has_net_admin() {
+        eprintln!("wsnic: needs root or CAP_NET_ADMIN to create its bridge and TAP devices (run it with sudo)");
+        return ExitCode::from(1);
+    }
+    match serve(&cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(cfg: &Config) -> Result<(), String> {
+    if let Err(e) = wsnic::sys::raise_nofile_limit() {
+        log::warn!("cannot raise the open-files limit: {e}");
+    }
+    let addr = std::net::SocketAddr::new(cfg.ws_server_addr, cfg.ws_server_port);
+    let listener = Relay::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let settings = Settings {
+        tap_pattern: format!("{}%d", cfg.tap_prefix),
+        max_frame: cfg.max_frame_size,
+        ping_interval: cfg.ping_interval,
+        idle_timeout: cfg.idle_timeout,
+        handshake_timeout: cfg.handshake_timeout,
+    };
+    // Signals are caught from here on, so an early SIGTERM still leads to a clean teardown.
+    let mut relay = Relay::new(listener, settings).map_err(|e| format!("event loop: {e}"))?;
+    let mut net = Network::up(cfg)?;
+    log::info!(
+        "wsnic {} listening on ws://{addr}/ — bridge {} {}/{}, uplink {}, NAT {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.bridge_name,
+        cfg.bridge_addr(),
+        cfg.bridge_subnet.prefix,
+        net.uplink.as_deref().unwrap_or("none"),
+        if cfg.nat && net.uplink.is_some() { "on" } else { "off" },
+    );
+    let result = relay.run(net.bridge_index, net.netlink());
+    drop(relay); // closes every TAP before the bridge goes
+    net.down();
+    log::info!("network state restored; bye");
+    result.map_err(|e| format!("event loop: {e}"))
+}

@@ -1,0 +1,253 @@
+//! The host network state a relay needs — bridge with the gateway address, wsnic's nftables
+//! table, `net.ipv4.ip_forward` — set up at start, recorded, and put back at exit.
+//!
+//! Before changing anything, what is about to change is written to a state file under
+//! `/run/wsnic/` (one per network namespace and bridge). A run that dies (SIGKILL) leaves the
+//! file behind; the next start reads it and undoes exactly what it lists, restoring the
+//! `ip_forward` value from before the crashed run. After a reboot `/run` is empty and so is
+//! the kernel's state: nothing to repair. A bridge of the configured name that exists without
+//! a state file is someone else's: it is adopted (address added if missing) and left in place.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use crate::config::Config;
+use crate::sys::{firewall, netlink::Netlink, sysctl};
+
+const IP_FORWARD: &str = "net.ipv4.ip_forward";
+const STATE_DIR: &str = "/run/wsnic";
+
+/// What a run changed, as recorded in its state file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Record {
+    pid: u32,
+    bridge: String,
+    bridge_created: bool,
+    addr: Option<(Ipv4Addr, u8)>,
+    table: String,
+    ip_forward_before: Option<String>,
+}
+
+impl Record {
+    fn render(&self) -> String {
+        let mut s = format!(
+            "pid={}\nbridge={}\nbridge_created={}\ntable={}\n",
+            self.pid, self.bridge, self.bridge_created, self.table
+        );
+        if let Some((a, p)) = self.addr {
+            s += &format!("addr={a}/{p}\n");
+        }
+        if let Some(v) = &self.ip_forward_before {
+            s += &format!("ip_forward_before={v}\n");
+        }
+        s
+    }
+
+    fn parse(text: &str) -> Option<Record> {
+        let mut r = Record::default();
+        for line in text.lines() {
+            let (k, v) = line.split_once('=')?;
+            match k {
+                "pid" => r.pid = v.parse().ok()?,
+                "bridge" => r.bridge = v.to_string(),
+                "bridge_created" => r.bridge_created = v.parse().ok()?,
+                "table" => r.table = v.to_string(),
+                "addr" => {
+                    let (a, p) = v.split_once('/')?;
+                    r.addr = Some((a.parse().ok()?, p.parse().ok()?));
+                }
+                "ip_forward_before" => r.ip_forward_before = Some(v.to_string()),
+                _ => return None,
+            }
+        }
+        (!r.bridge.is_empty() && !r.table.is_empty()).then_some(r)
+    }
+}
+
+/// The relay's network, up. Call [`Network::down`] to put everything back.
+pub struct Network {
+    pub bridge_index: u32,
+    pub uplink: Option<String>,
+    nl: Netlink,
+    record: Record,
+    state_path: PathBuf,
+}
+
+fn state_path(bridge: &str) -> io::Result<PathBuf> {
+    Ok(PathBuf::from(format!("{STATE_DIR}/netns{}-{bridge}.state", crate::sys::netns_id()?)))
+}
+
+fn ctx(what: impl FnOnce() -> String) -> impl FnOnce(io::Error) -> String {
+    move |e| format!("{}: {e}", what())
+}
+
+fn pid_is_wsnic(pid: u32) -> bool {
+    pid != std::process::id() && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "wsnic")
+}
+
+impl Network {
+    /// Netlink handle for per-client work (attaching TAPs).
+    pub fn netlink(&mut self) -> &mut Netlink {
+        &mut self.nl
+    }
+
+    pub fn up(cfg: &Config) -> Result<Network, String> {
+        let mut nl = Netlink::open().map_err(ctx(|| "netlink".into()))?;
+        let state_path = state_path(&cfg.bridge_name).map_err(ctx(|| "network namespace".into()))?;
+        if let Ok(text) = std::fs::read_to_string(&state_path) {
+            match Record::parse(&text) {
+                Some(old) if pid_is_wsnic(old.pid) => {
+                    return Err(format!("another wsnic (pid {}) is running with bridge {}", old.pid, old.bridge));
+                }
+                Some(old) => {
+                    log::warn!(
+                        "a previous run (pid {}) did not exit cleanly; repairing what it left: {}",
+                        old.pid,
+                        state_path.display()
+                    );
+                    undo(&mut nl, &old);
+                }
+                None => log::warn!("ignoring unreadable state file {}", state_path.display()),
+            }
+            let _ = std::fs::remove_file(&state_path);
+        }
+
+        let uplink = match &cfg.eth_iface {
+            Some(name) => {
+                if nl.link_index(name).map_err(ctx(|| "netlink".into()))?.is_none() {
+                    return Err(format!("eth_iface: no interface named {name}"));
+                }
+                Some(name.clone())
+            }
+            None => {
+                let up = nl.default_route_iface().map_err(ctx(|| "reading the default route".into()))?;
+                if up.is_none() && cfg.nat {
+                    log::warn!("no IPv4 default route: clients reach the bridge and each other, but not beyond (set eth_iface to choose an uplink)");
+                }
+                up
+            }
+        };
+
+        let existing = nl.link_index(&cfg.bridge_name).map_err(ctx(|| "netlink".into()))?;
+        if let Some(i) = existing {
+            if !nl.link_is_bridge(i).unwrap_or(false) {
+                return Err(format!("bridge_name: {} exists and is not a bridge", cfg.bridge_name));
+            }
+            log::info!("adopting existing bridge {} (it will be left in place at exit)", cfg.bridge_name);
+        }
+        let mut record = Record {
+            pid: std::process::id(),
+            bridge: cfg.bridge_name.clone(),
+            bridge_created: existing.is_none(),
+            addr: None,
+            table: cfg.nft_table(),
+            ip_forward_before: Some(sysctl::read(IP_FORWARD).map_err(ctx(|| IP_FORWARD.into()))?),
+        };
+        let mut net = Network { bridge_index: 0, uplink, nl, record: record.clone(), state_path };
+        net.save()?;
+        if let Err(e) = net.apply(cfg, existing, &mut record) {
+            net.record = record;
+            net.down();
+            return Err(e);
+        }
+        net.record = record;
+        net.save()?;
+        if let Some(w) = firewall::forward_drop_warning(&net.record.table, &cfg.bridge_name) {
+            log::warn!("{w}");
+        }
+        Ok(net)
+    }
+
+    fn apply(&mut self, cfg: &Config, existing: Option<u32>, record: &mut Record) -> Result<(), String> {
+        let br = &cfg.bridge_name;
+        let index = match existing {
+            Some(i) => i,
+            None => self.nl.create_bridge(br).map_err(ctx(|| format!("creating bridge {br}")))?,
+        };
+        self.bridge_index = index;
+        let (addr, prefix) = (cfg.bridge_addr(), cfg.bridge_subnet.prefix);
+        if self.nl.add_ipv4(index, addr, prefix).map_err(ctx(|| format!("adding {addr}/{prefix} to {br}")))? {
+            record.addr = Some((addr, prefix));
+            self.record.addr = record.addr;
+            self.save()?;
+        }
+        self.nl.set_up(index).map_err(ctx(|| format!("bringing {br} up")))?;
+        firewall::apply(&firewall::NatRules {
+            table: &record.table,
+            subnet: cfg.bridge_subnet.network(),
+            prefix,
+            bridge: br,
+            uplink: self.uplink.as_deref(),
+            masquerade: cfg.nat,
+            restrict_inbound: cfg.bridge_restrict_inbound,
+        })
+        .map_err(ctx(|| format!("nftables table {}", record.table)))?;
+        sysctl::write(IP_FORWARD, "1").map_err(ctx(|| IP_FORWARD.into()))?;
+        Ok(())
+    }
+
+    fn save(&self) -> Result<(), String> {
+        let write = || -> io::Result<()> {
+            std::fs::create_dir_all(STATE_DIR)?;
+            let tmp = self.state_path.with_extension("tmp");
+            std::fs::write(&tmp, self.record.render())?;
+            std::fs::rename(&tmp, &self.state_path)
+        };
+        write().map_err(ctx(|| format!("state file {}", self.state_path.display())))
+    }
+
+    /// Put back everything this run changed.
+    pub fn down(mut self) {
+        undo(&mut self.nl, &self.record);
+        let _ = std::fs::remove_file(&self.state_path);
+    }
+}
+
+/// Undo what `r` records; every step is idempotent and failures are logged, not fatal.
+fn undo(nl: &mut Netlink, r: &Record) {
+    if let Err(e) = firewall::remove(&r.table) {
+        log::error!("removing nftables table {}: {e}", r.table);
+    }
+    match nl.link_index(&r.bridge) {
+        Ok(Some(i)) if r.bridge_created => {
+            if let Err(e) = nl.delete_link(i) {
+                log::error!("deleting bridge {}: {e}", r.bridge);
+            }
+        }
+        Ok(Some(i)) => {
+            if let Some((a, p)) = r.addr {
+                if let Err(e) = nl.del_ipv4(i, a, p) {
+                    log::error!("removing {a}/{p} from {}: {e}", r.bridge);
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(e) => log::error!("netlink: {e}"),
+    }
+    if let Some(v) = &r.ip_forward_before {
+        if let Err(e) = sysctl::write(IP_FORWARD, v) {
+            log::error!("restoring {IP_FORWARD}={v}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip() {
+        let r = Record {
+            pid: 42,
+            bridge: "wsnicbr0".into(),
+            bridge_created: true,
+            addr: Some((Ipv4Addr::new(192, 168, 2, 1), 24)),
+            table: "wsnic_wsnicbr0".into(),
+            ip_forward_before: Some("0".into()),
+        };
+        assert_eq!(Record::parse(&r.render()), Some(r));
+        assert_eq!(Record::parse("garbage"), None);
+        assert_eq!(Record::parse("pid=1\n"), None);
+    }
+}

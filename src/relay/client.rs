@@ -1,0 +1,473 @@
+//! One established client: its socket, its TAP, its WebSocket state and its buffers, and the
+//! two directions of the frame path between them.
+//!
+//! - client → TAP: socket bytes land in the input buffer; `ws::Conn` unmasks each complete
+//!   frame in place; a binary frame goes to the TAP with one `write()`. If the TAP would
+//!   block, the frame stays put and the socket is not read again until the TAP drains.
+//! - TAP → client: each TAP `read()` lands straight in the output buffer behind room for the
+//!   frame header; every ready frame leaves in one `write()` at the end of the pass. Over the
+//!   high-water mark the TAP is not read, so the kernel's queue drops, as a real NIC does.
+//!
+//! Readiness is edge-triggered: the `*_ready` flags latch each fd's state until an operation
+//! returns `WouldBlock`. Each pass moves at most [`BUDGET`] frames per direction, so one busy
+//! client cannot starve the others; [`Progress::Again`] asks to be run again.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+
+use super::bufpool::BufPool;
+use crate::sys::tap::Tap;
+use crate::ws::conn::close_payload;
+use crate::ws::frame::{encode_header, header_len, Opcode};
+use crate::ws::{close_code, Conn, Item, Parsed, Payload, Role};
+
+/// Frames moved per direction per pass before yielding to other clients.
+pub const BUDGET: usize = 64;
+/// Room always kept for one control frame (header + 125 bytes) in the output buffer.
+const CONTROL_ROOM: usize = 2 + 125;
+/// Smallest Ethernet frame: destination, source, EtherType.
+pub const MIN_FRAME: usize = 14;
+
+/// Per-connection counters, reported when it closes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub to_tap_frames: u64,
+    pub to_tap_bytes: u64,
+    pub to_client_frames: u64,
+    pub to_client_bytes: u64,
+    /// Text messages (never frames in this protocol) dropped.
+    pub drop_text: u64,
+    /// Binary messages shorter than an Ethernet header dropped.
+    pub drop_runt: u64,
+    /// Frames the TAP refused (an error other than "would block").
+    pub drop_tap_error: u64,
+    /// Frames from the TAP larger than `max_frame_size` dropped.
+    pub drop_oversize: u64,
+}
+
+impl Stats {
+    pub fn drops(&self) -> u64 {
+        self.drop_text + self.drop_runt + self.drop_tap_error + self.drop_oversize
+    }
+}
+
+/// Why a connection ends; `code` is the Close code we send (None: the socket is gone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    pub reason: String,
+    pub code: Option<u16>,
+}
+
+impl Ending {
+    pub fn new(reason: impl Into<String>, code: Option<u16>) -> Ending {
+        Ending { reason: reason.into(), code }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Waiting for readiness.
+    Idle,
+    /// Budget used up with work left: run again before sleeping.
+    Again,
+    /// Close the connection (after flushing what is queued).
+    End(Ending),
+}
+
+/// A frame already unmasked but not yet taken by the TAP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stalled {
+    None,
+    /// `inb[start..end]`; the whole WebSocket frame is `consumed` bytes from `in_start`.
+    InBuf {
+        start: usize,
+        end: usize,
+        consumed: usize,
+    },
+    /// In `ws.assembled()`.
+    Assembled {
+        consumed: usize,
+    },
+}
+
+pub struct Client {
+    pub sock: TcpStream,
+    pub tap: Tap,
+    pub peer: SocketAddr,
+    pub connected_at: Instant,
+    pub stats: Stats,
+    pub sock_readable: bool,
+    pub sock_writable: bool,
+    pub tap_readable: bool,
+    pub tap_writable: bool,
+    /// Set once the connection is ending: only queued output is flushed.
+    pub closing: Option<Instant>,
+    /// Why it is closing, while it lingers to flush.
+    pub ending: Option<Ending>,
+    ws: Conn,
+    max_frame: usize,
+    inb: Option<Box<[u8]>>,
+    in_start: usize,
+    in_end: usize,
+    stalled: Stalled,
+    outb: Option<Box<[u8]>>,
+    out_start: usize,
+    out_end: usize,
+    last_heard: Instant,
+    ping_sent: bool,
+}
+
+impl Client {
+    pub fn new(sock: TcpStream, tap: Tap, peer: SocketAddr, max_frame: usize, now: Instant) -> Client {
+        Client {
+            sock,
+            tap,
+            peer,
+            connected_at: now,
+            stats: Stats::default(),
+            sock_readable: true,
+            sock_writable: true,
+            tap_readable: true,
+            tap_writable: true,
+            closing: None,
+            ending: None,
+            ws: Conn::new(Role::Server, max_frame),
+            max_frame,
+            inb: None,
+            in_start: 0,
+            in_end: 0,
+            stalled: Stalled::None,
+            outb: None,
+            out_start: 0,
+            out_end: 0,
+            last_heard: now,
+            ping_sent: false,
+        }
+    }
+
+    /// Size the pool's buffers must have for frames of up to `max_frame` bytes.
+    pub fn buffer_size_for(max_frame: usize) -> usize {
+        (256 << 10).max(2 * (max_frame + 14 + CONTROL_ROOM))
+    }
+
+    /// Queue raw bytes for the client (the handshake response), and bytes that arrived after
+    /// the request head as WebSocket input.
+    pub fn preload(&mut self, response: &[u8], early_input: &[u8], pool: &mut BufPool) {
+        self.queue_raw(response, pool);
+        if !early_input.is_empty() {
+            let inb = self.inb.get_or_insert_with(|| pool.get());
+            inb[..early_input.len()].copy_from_slice(early_input);
+            self.in_start = 0;
+            self.in_end = early_input.len();
+        }
+    }
+
+    fn queue_raw(&mut self, bytes: &[u8], pool: &mut BufPool) {
+        let outb = self.outb.get_or_insert_with(|| pool.get());
+        outb[self.out_end..self.out_end + bytes.len()].copy_from_slice(bytes);
+        self.out_end += bytes.len();
+    }
+
+    /// Queue a control frame (at most 125 bytes of payload; room is always kept for one).
+    fn queue_control(&mut self, opcode: Opcode, payload: &[u8], pool: &mut BufPool) {
+        let outb = self.outb.get_or_insert_with(|| pool.get());
+        let n = encode_header(&mut outb[self.out_end..], true, opcode, payload.len(), None);
+        outb[self.out_end + n..self.out_end + n + payload.len()].copy_from_slice(payload);
+        self.out_end += n + payload.len();
+    }
+
+    /// Queue a Close frame; the connection is closing from now on.
+    pub fn queue_close(&mut self, code: u16, reason: &str, now: Instant, pool: &mut BufPool) {
+        if self.closing.is_none() {
+            self.compact_out();
+            if self.out_room() >= CONTROL_ROOM {
+                let (p, n) = close_payload(code, reason);
+                self.queue_control(Opcode::Close, &p[..n], pool);
+            }
+            self.closing = Some(now);
+        }
+    }
+
+    fn out_room(&self) -> usize {
+        self.outb.as_ref().map_or(usize::MAX, |b| b.len() - self.out_end)
+    }
+
+    fn compact_out(&mut self) {
+        if let Some(outb) = self.outb.as_mut() {
+            if self.out_start > 0 {
+                outb.copy_within(self.out_start..self.out_end, 0);
+                self.out_end -= self.out_start;
+                self.out_start = 0;
+            }
+        }
+    }
+
+    /// Bytes queued for the client and not yet written.
+    pub fn pending_output(&self) -> usize {
+        self.out_end - self.out_start
+    }
+
+    /// Write queued output; returns Err only for a dead socket.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while self.sock_writable && self.out_start < self.out_end {
+            let outb = self.outb.as_ref().expect("pending output has a buffer");
+            match self.sock.write(&outb[self.out_start..self.out_end]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_start += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.sock_writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.out_start == self.out_end {
+            self.out_start = 0;
+            self.out_end = 0;
+        }
+        Ok(())
+    }
+
+    /// Give idle buffers back to the pool.
+    pub fn release_idle(&mut self, pool: &mut BufPool) {
+        if self.out_start == self.out_end {
+            if let Some(b) = self.outb.take() {
+                pool.put(b);
+            }
+        }
+        if self.in_start == self.in_end && self.stalled == Stalled::None {
+            self.in_start = 0;
+            self.in_end = 0;
+            if let Some(b) = self.inb.take() {
+                pool.put(b);
+            }
+        }
+    }
+
+    /// Does this connection hold pool buffers now?
+    pub fn holds_buffers(&self) -> (bool, bool) {
+        (self.inb.is_some(), self.outb.is_some())
+    }
+
+    /// Keepalive: ping a silent client, end an idle one.
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        ping_interval: Duration,
+        idle_timeout: Duration,
+        pool: &mut BufPool,
+    ) -> Option<Ending> {
+        let silent = now.saturating_duration_since(self.last_heard);
+        if silent >= idle_timeout {
+            return Some(Ending::new(format!("idle for {}s", silent.as_secs()), Some(close_code::GOING_AWAY)));
+        }
+        if silent >= ping_interval && !self.ping_sent && self.closing.is_none() {
+            self.compact_out();
+            if self.out_room() >= CONTROL_ROOM {
+                self.queue_control(Opcode::Ping, b"wsnic", pool);
+                self.ping_sent = true;
+            }
+        }
+        None
+    }
+
+    /// One pass over both directions.
+    pub fn run(&mut self, now: Instant, pool: &mut BufPool) -> Progress {
+        if self.closing.is_some() {
+            return match self.flush() {
+                Err(e) => Progress::End(Ending::new(format!("socket error: {e}"), None)),
+                Ok(()) => Progress::Idle,
+            };
+        }
+        let up = match self.client_to_tap(now, pool) {
+            Ok(again) => again,
+            Err(end) => return Progress::End(end),
+        };
+        if self.tap_readable && self.outb.is_none() {
+            self.outb = Some(pool.get());
+        }
+        let down = self.tap_to_client();
+        if let Err(e) = self.flush() {
+            return Progress::End(Ending::new(format!("socket error: {e}"), None));
+        }
+        self.release_idle(pool);
+        if up || down {
+            Progress::Again
+        } else {
+            Progress::Idle
+        }
+    }
+
+    /// Returns Ok(true) when the budget ran out with input left.
+    fn client_to_tap(&mut self, now: Instant, pool: &mut BufPool) -> Result<bool, Ending> {
+        for _ in 0..BUDGET {
+            if self.stalled != Stalled::None && !self.retry_stalled() {
+                return Ok(false);
+            }
+            // A control frame may need an answer: keep room for it, or wait for the socket.
+            self.compact_out();
+            if self.out_room() < CONTROL_ROOM {
+                return Ok(false);
+            }
+            let inb = self.inb.get_or_insert_with(|| pool.get());
+            let parsed = self.ws.parse(&mut inb[self.in_start..self.in_end]);
+            match parsed {
+                Ok(Parsed::Incomplete { .. }) => {
+                    if !self.sock_readable {
+                        return Ok(false);
+                    }
+                    if self.in_start > 0 {
+                        inb.copy_within(self.in_start..self.in_end, 0);
+                        self.in_end -= self.in_start;
+                        self.in_start = 0;
+                    }
+                    match self.sock.read(&mut inb[self.in_end..]) {
+                        Ok(0) => return Err(Ending::new("client closed the TCP connection", None)),
+                        Ok(n) => {
+                            self.in_end += n;
+                            self.last_heard = now;
+                            self.ping_sent = false;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.sock_readable = false;
+                            return Ok(false);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(Ending::new(format!("socket error: {e}"), None)),
+                    }
+                }
+                Ok(Parsed::Consumed(n)) => self.in_start += n,
+                Ok(Parsed::Item { consumed, item }) => self.on_item(consumed, item, now, pool)?,
+                Err(v) => {
+                    self.queue_close(v.code, v.reason, now, pool);
+                    return Err(Ending::new(format!("protocol error: {}", v.reason), Some(v.code)));
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn on_item(&mut self, consumed: usize, item: Item, now: Instant, pool: &mut BufPool) -> Result<(), Ending> {
+        let base = self.in_start;
+        match item {
+            Item::Binary(Payload::InBuf(r)) => {
+                self.stalled = Stalled::InBuf { start: base + r.start, end: base + r.end, consumed };
+                self.retry_stalled();
+                return Ok(());
+            }
+            Item::Binary(Payload::Assembled) => {
+                self.stalled = Stalled::Assembled { consumed };
+                self.retry_stalled();
+                return Ok(());
+            }
+            Item::Text(_) => {
+                self.stats.drop_text += 1;
+                log::debug!("{}: text message dropped", self.peer);
+            }
+            Item::Ping(r) => {
+                let inb = self.inb.take().expect("parsed from it");
+                self.queue_control(Opcode::Pong, &inb[base + r.start..base + r.end], pool);
+                self.inb = Some(inb);
+            }
+            Item::Pong(_) => {}
+            Item::Close { code, .. } => {
+                self.in_start += consumed;
+                // Echo the peer's code (§5.5.1); a Close without one is answered without one.
+                let (p, n) = code.map_or(([0; 125], 0), |c| close_payload(c, ""));
+                self.compact_out();
+                self.queue_control(Opcode::Close, &p[..n], pool);
+                self.closing = Some(now);
+                let how = code.map_or("no code".to_string(), |c| c.to_string());
+                return Err(Ending::new(format!("client closed ({how})"), None));
+            }
+        }
+        self.in_start += consumed;
+        Ok(())
+    }
+
+    /// Try to hand the stalled frame to the TAP; false if the TAP would block.
+    fn retry_stalled(&mut self) -> bool {
+        let (frame, consumed) = match self.stalled {
+            Stalled::None => return true,
+            Stalled::InBuf { start, end, consumed } => {
+                (&self.inb.as_ref().expect("stalled in it")[start..end], consumed)
+            }
+            Stalled::Assembled { consumed } => (self.ws.assembled(), consumed),
+        };
+        if frame.len() < MIN_FRAME {
+            self.stats.drop_runt += 1;
+        } else if !self.tap_writable {
+            return false;
+        } else {
+            match self.tap.write(frame) {
+                Ok(_) => {
+                    self.stats.to_tap_frames += 1;
+                    self.stats.to_tap_bytes += frame.len() as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.tap_writable = false;
+                    return false;
+                }
+                Err(e) => {
+                    self.stats.drop_tap_error += 1;
+                    log::debug!("{}: {} refused a frame of {} bytes: {e}", self.peer, self.tap.name(), frame.len());
+                }
+            }
+        }
+        self.in_start += consumed;
+        self.stalled = Stalled::None;
+        true
+    }
+
+    /// Returns true when the budget ran out with the TAP still readable and room left.
+    fn tap_to_client(&mut self) -> bool {
+        let need = self.max_frame + 11 + CONTROL_ROOM;
+        for _ in 0..BUDGET {
+            if !self.tap_readable {
+                return false;
+            }
+            let Some(outb) = self.outb.as_mut() else {
+                return false;
+            };
+            if outb.len() - self.out_end < need {
+                if self.out_start == 0 {
+                    return false; // over the high-water mark: let the kernel queue drop
+                }
+                outb.copy_within(self.out_start..self.out_end, 0);
+                self.out_end -= self.out_start;
+                self.out_start = 0;
+                if outb.len() - self.out_end < need {
+                    return false;
+                }
+            }
+            // Read behind room for a 4-byte header (frames of 126..65535 bytes); move the
+            // rare small or huge frame to fit its 2- or 10-byte header.
+            let base = self.out_end;
+            match self.tap.read(&mut outb[base + 4..base + 4 + self.max_frame + 1]) {
+                Ok(n) if n > self.max_frame => self.stats.drop_oversize += 1,
+                Ok(n) => {
+                    let h = header_len(n, false);
+                    if h != 4 {
+                        outb.copy_within(base + 4..base + 4 + n, base + h);
+                    }
+                    encode_header(&mut outb[base..], true, Opcode::Binary, n, None);
+                    self.out_end = base + h + n;
+                    self.stats.to_client_frames += 1;
+                    self.stats.to_client_bytes += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.tap_readable = false;
+                    return false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("{}: reading {}: {e}", self.peer, self.tap.name());
+                    self.tap_readable = false;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}

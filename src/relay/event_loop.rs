@@ -1,0 +1,390 @@
+//! The event loop: accepts connections, runs the opening handshake, creates a TAP per
+//! client, and schedules every client's frame path fairly.
+//!
+//! Tokens: slot `i` uses `2i` for its socket and `2i+1` for its TAP. Clients that used up
+//! their per-pass budget sit in a run queue and are served again before the loop sleeps.
+//! Timers (handshake timeout, keepalive, lingering closes) are checked by a sweep once a
+//! second, which costs nothing per frame.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use super::bufpool::BufPool;
+use super::client::{Client, Ending, Progress};
+use crate::sys::netlink::Netlink;
+use crate::sys::tap::Tap;
+use crate::ws::close_code;
+use crate::ws::handshake::{self, Outcome, Refusal};
+
+const LISTENER: Token = Token(usize::MAX);
+const SIGNALS: Token = Token(usize::MAX - 1);
+/// A bridge has 1023 usable ports.
+pub const MAX_CLIENTS: usize = 1023;
+/// How long a closing connection may take to flush its last frames.
+const LINGER: Duration = Duration::from_secs(2);
+const TICK: Duration = Duration::from_secs(1);
+/// Free buffers kept for reuse.
+const POOL_KEEP: usize = 64;
+
+/// What the event loop needs to know.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// TAP name pattern, e.g. `wsnic%d`.
+    pub tap_pattern: String,
+    pub max_frame: usize,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+}
+
+/// A connection still in its opening handshake.
+struct Pending {
+    sock: TcpStream,
+    peer: SocketAddr,
+    head: Vec<u8>,
+    since: Instant,
+}
+
+enum Slot {
+    Free,
+    Pending(Pending),
+    Client(Box<Client>),
+}
+
+pub struct Relay {
+    poll: Poll,
+    listener: TcpListener,
+    signals: Signals,
+    settings: Settings,
+    slots: Vec<Slot>,
+    queued: Vec<bool>,
+    free: Vec<usize>,
+    /// Slots emptied during this pass; reusable only after it (stale events may follow).
+    freed: Vec<usize>,
+    runq: Vec<usize>,
+    pool: BufPool,
+    clients: usize,
+    bridge_index: u32,
+}
+
+fn sock_token(i: usize) -> Token {
+    Token(2 * i)
+}
+fn tap_token(i: usize) -> Token {
+    Token(2 * i + 1)
+}
+
+impl Relay {
+    pub fn new(listener: std::net::TcpListener, settings: Settings) -> io::Result<Relay> {
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        let poll = Poll::new()?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut signals = Signals::new([SIGINT, SIGTERM])?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let pool = BufPool::new(Client::buffer_size_for(settings.max_frame), POOL_KEEP);
+        Ok(Relay {
+            poll,
+            listener,
+            signals,
+            settings,
+            slots: Vec::new(),
+            queued: Vec::new(),
+            free: Vec::new(),
+            freed: Vec::new(),
+            runq: Vec::new(),
+            pool,
+            clients: 0,
+            bridge_index: 0,
+        })
+    }
+
+    /// Bind the listening socket with a backlog of 1024, so bursts of browsers reconnecting
+    /// at once queue in the kernel instead of being refused.
+    pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+        let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(1024)?;
+        Ok(s.into())
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Run until SIGINT or SIGTERM; `netlink` attaches each new TAP to bridge `bridge_index`.
+    pub fn run(&mut self, bridge_index: u32, netlink: &mut Netlink) -> io::Result<()> {
+        self.bridge_index = bridge_index;
+        let mut events = Events::with_capacity(1024);
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let timeout =
+                if self.runq.is_empty() { next_tick.saturating_duration_since(Instant::now()) } else { Duration::ZERO };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(now),
+                    SIGNALS => {
+                        if let Some(sig) = self.signals.pending().next() {
+                            log::info!("signal {sig}: shutting down");
+                            self.shutdown();
+                            return Ok(());
+                        }
+                    }
+                    Token(t) => {
+                        let i = t / 2;
+                        match self.slots.get_mut(i) {
+                            Some(Slot::Pending(_)) => self.handshake(i, now, netlink),
+                            Some(Slot::Client(c)) => {
+                                if t % 2 == 1 {
+                                    c.tap_readable |= ev.is_readable();
+                                    c.tap_writable |= ev.is_writable();
+                                } else {
+                                    c.sock_readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                                    c.sock_writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                                }
+                                self.schedule(i);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            self.run_queue(now);
+            self.free.append(&mut self.freed);
+            if now >= next_tick {
+                self.tick(now);
+                next_tick = now + TICK;
+            }
+        }
+    }
+
+    fn schedule(&mut self, i: usize) {
+        if !self.queued[i] {
+            self.queued[i] = true;
+            self.runq.push(i);
+        }
+    }
+
+    /// Serve every queued client once; those with work left stay queued for the next pass.
+    fn run_queue(&mut self, now: Instant) {
+        let batch = std::mem::take(&mut self.runq);
+        for &i in &batch {
+            self.queued[i] = false;
+            let Slot::Client(c) = &mut self.slots[i] else { continue };
+            match c.run(now, &mut self.pool) {
+                Progress::Idle => {}
+                Progress::Again => self.schedule(i),
+                Progress::End(e) => self.end(i, e, now),
+            }
+        }
+        let mut batch = batch;
+        batch.clear();
+        if self.runq.is_empty() {
+            self.runq = batch; // keep the allocation
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            let (mut sock, peer) = match self.listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: the connection waits in the backlog; retry on the next event.
+                    log::warn!("accept: {e}");
+                    return;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            let i = match self.free.pop() {
+                Some(i) => i,
+                None => {
+                    self.slots.push(Slot::Free);
+                    self.queued.push(false);
+                    self.slots.len() - 1
+                }
+            };
+            if let Err(e) =
+                self.poll.registry().register(&mut sock, sock_token(i), Interest::READABLE | Interest::WRITABLE)
+            {
+                log::warn!("register {peer}: {e}");
+                self.free.push(i);
+                continue;
+            }
+            self.slots[i] = Slot::Pending(Pending { sock, peer, head: Vec::new(), since: now });
+            log::debug!("{peer}: TCP connection accepted");
+        }
+    }
+
+    /// Read the request head; answer it; on success the slot becomes a client with a TAP.
+    fn handshake(&mut self, i: usize, now: Instant, netlink: &mut Netlink) {
+        let Slot::Pending(p) = &mut self.slots[i] else { return };
+        let mut chunk = [0u8; 4096];
+        let outcome = loop {
+            match p.sock.read(&mut chunk) {
+                Ok(0) => break None,
+                Ok(n) => {
+                    p.head.extend_from_slice(&chunk[..n]);
+                    match handshake::parse_request(&p.head) {
+                        Outcome::Partial => continue,
+                        o => break Some(o),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break None,
+            }
+        };
+        let Slot::Pending(mut p) = std::mem::replace(&mut self.slots[i], Slot::Free) else { unreachable!() };
+        match outcome {
+            None => {
+                log::debug!("{}: closed during handshake", p.peer);
+                self.freed.push(i);
+            }
+            Some(Outcome::Refuse(r)) => self.refuse(i, p, r),
+            Some(Outcome::Partial) => unreachable!(),
+            Some(Outcome::Upgrade(u)) => {
+                if self.clients >= MAX_CLIENTS {
+                    return self.refuse(i, p, Refusal::new(503, "wsnic: server full\n"));
+                }
+                let tap = match Tap::create(&self.settings.tap_pattern)
+                    .and_then(|t| netlink.attach_up(t.index(), self.bridge_index).map(|()| t))
+                {
+                    Ok(t) => t,
+                    Err(e) => {
+                        log::error!("{}: cannot set up a TAP device: {e}", p.peer);
+                        return self.refuse(i, p, Refusal::new(503, "wsnic: cannot create a network device\n"));
+                    }
+                };
+                // Registered only now that the device exists: frames queued for it from the
+                // first moment wake us (the original registered before TUNSETIFF).
+                if let Err(e) = self.poll.registry().register(
+                    &mut SourceFd(&tap.as_raw_fd()),
+                    tap_token(i),
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
+                    log::error!("{}: register TAP: {e}", p.peer);
+                    return self.refuse(i, p, Refusal::new(503, "wsnic: internal error\n"));
+                }
+                log::info!("{} connected on {} (path {})", p.peer, tap.name(), u.target);
+                let mut c = Box::new(Client::new(p.sock, tap, p.peer, self.settings.max_frame, now));
+                c.preload(&u.response(), &p.head[u.head_len..], &mut self.pool);
+                p.head = Vec::new();
+                self.slots[i] = Slot::Client(c);
+                self.clients += 1;
+                self.schedule(i);
+            }
+        }
+    }
+
+    fn refuse(&mut self, i: usize, mut p: Pending, r: Refusal) {
+        log::info!("{}: handshake refused: {} {}: {}", p.peer, r.status, r.reason, r.body.trim_end());
+        // Best effort: a refusal is small and the socket buffer is empty.
+        let _ = p.sock.write(&r.response());
+        let _ = p.sock.shutdown(Shutdown::Write);
+        let _ = self.poll.registry().deregister(&mut p.sock);
+        self.freed.push(i);
+    }
+
+    /// End a client: send a Close if the reason calls for one, flush, and drop it (which
+    /// closes its socket and removes its TAP) — or linger briefly until the flush completes.
+    fn end(&mut self, i: usize, e: Ending, now: Instant) {
+        let Slot::Client(c) = &mut self.slots[i] else { return };
+        if let Some(code) = e.code {
+            c.queue_close(code, &e.reason, now, &mut self.pool);
+        }
+        c.closing.get_or_insert(now);
+        let flushed = c.flush().is_ok() && c.pending_output() == 0;
+        if flushed || e.code.is_none() && c.pending_output() == 0 {
+            self.finish(i, &e.reason);
+        } else {
+            c.ending = Some(e);
+        }
+    }
+
+    fn finish(&mut self, i: usize, reason: &str) {
+        let Slot::Client(mut c) = std::mem::replace(&mut self.slots[i], Slot::Free) else { return };
+        let s = c.stats;
+        log::info!(
+            "{} on {} disconnected after {:.1}s: {reason}; client→tap {} frames {} bytes, tap→client {} frames {} bytes, dropped {} (text {}, runt {}, tap error {}, oversize {})",
+            c.peer,
+            c.tap.name(),
+            c.connected_at.elapsed().as_secs_f64(),
+            s.to_tap_frames,
+            s.to_tap_bytes,
+            s.to_client_frames,
+            s.to_client_bytes,
+            s.drops(),
+            s.drop_text,
+            s.drop_runt,
+            s.drop_tap_error,
+            s.drop_oversize,
+        );
+        let _ = c.sock.shutdown(Shutdown::Both);
+        c.release_idle(&mut self.pool);
+        self.clients -= 1;
+        self.freed.push(i);
+    }
+
+    /// Once a second: handshake timeouts, keepalive pings, idle timeouts, lingering closes.
+    fn tick(&mut self, now: Instant) {
+        let s = self.settings.clone();
+        for i in 0..self.slots.len() {
+            match &mut self.slots[i] {
+                Slot::Pending(p) if now.saturating_duration_since(p.since) >= s.handshake_timeout => {
+                    log::info!("{}: handshake not completed within {:?}; dropped", p.peer, s.handshake_timeout);
+                    self.slots[i] = Slot::Free;
+                    self.freed.push(i);
+                }
+                Slot::Client(c) => {
+                    if let Some(since) = c.closing {
+                        if c.pending_output() == 0 || now.saturating_duration_since(since) >= LINGER {
+                            let reason = c.ending.take().map_or_else(|| "closed".to_string(), |e| e.reason);
+                            self.finish(i, &reason);
+                        }
+                    } else if let Some(e) = c.tick(now, s.ping_interval, s.idle_timeout, &mut self.pool) {
+                        self.end(i, e, now);
+                    } else if c.pending_output() > 0 {
+                        self.schedule(i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.free.append(&mut self.freed);
+    }
+
+    /// SIGINT/SIGTERM: tell every client we are going away, flush what we can, drop all.
+    fn shutdown(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            if let Slot::Client(c) = &mut self.slots[i] {
+                c.queue_close(close_code::GOING_AWAY, "server shutting down", now, &mut self.pool);
+                let _ = c.flush();
+                self.finish(i, "server shutting down");
+            }
+        }
+    }
+
+    /// Number of established clients.
+    pub fn client_count(&self) -> usize {
+        self.clients
+    }
+}

@@ -1,0 +1,8 @@
+//! The I/O shell of the relay: one single-threaded epoll loop (mio) that owns the listener,
+//! every client socket and every TAP, and drives the sans-io cores.
+
+pub mod bufpool;
+pub mod client;
+pub mod event_loop;
+
+pub use event_loop::{Relay, Settings};

@@ -1,0 +1,289 @@
+//! Minimal synchronous rtnetlink client: looks up, creates, configures and
+//! deletes links, IPv4 addresses and reads the default route, one blocking
+//! request/reply exchange at a time over a single `NETLINK_ROUTE` socket.
+//!
+//! Kernel errors are returned as `io::Error::from_raw_os_error(errno)` so
+//! callers can match on `raw_os_error()`.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+
+use netlink_packet_core::{
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, RouteType};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+/// Receive buffer size. The kernel sizes dump datagrams after the reader's
+/// buffer (capped at 32 KiB by default), so 64 KiB always suffices.
+const RECV_BUF: usize = 64 * 1024;
+
+/// Linux IFNAMSIZ including the terminating NUL.
+const IFNAMSIZ: usize = 16;
+
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Netlink {
+    pub fn open() -> io::Result<Netlink> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(Netlink { socket, seq: 0, buf: Vec::with_capacity(RECV_BUF) })
+    }
+
+    /// Index of the link called `name`, or `None` if there is no such link.
+    pub fn link_index(&mut self, name: &str) -> io::Result<Option<u32>> {
+        check_ifname(name)?;
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        match self.get_link(msg)? {
+            Some(link) => Ok(Some(link.header.index)),
+            None => Ok(None),
+        }
+    }
+
+    /// Name of the link with index `index`, or `None` if there is no such link.
+    pub fn link_name(&mut self, index: u32) -> io::Result<Option<String>> {
+        let Some(link) = self.get_link(link_msg(index))? else {
+            return Ok(None);
+        };
+        Ok(link.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name),
+            _ => None,
+        }))
+    }
+
+    /// Whether link `index` is a Linux bridge (`IFLA_INFO_KIND` "bridge").
+    pub fn link_is_bridge(&mut self, index: u32) -> io::Result<bool> {
+        let link = self.get_link(link_msg(index))?.ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))?;
+        Ok(link.attributes.iter().any(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))),
+            _ => false,
+        }))
+    }
+
+    /// Create a (down) bridge called `name`; fails with `EEXIST` if a link of
+    /// that name already exists. Returns the new link's index.
+    pub fn create_bridge(&mut self, name: &str) -> io::Result<u32> {
+        check_ifname(name)?;
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
+        self.ack(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)?;
+        self.link_index(name)?.ok_or_else(|| io::Error::other(format!("bridge {name} vanished right after creation")))
+    }
+
+    /// Delete link `index`; a link that is already gone is not an error.
+    pub fn delete_link(&mut self, index: u32) -> io::Result<()> {
+        ignore_errno(self.ack(RouteNetlinkMessage::DelLink(link_msg(index)), 0), &[libc::ENODEV])
+    }
+
+    /// Set link `index` administratively up.
+    pub fn set_up(&mut self, index: u32) -> io::Result<()> {
+        self.ack(RouteNetlinkMessage::NewLink(up_msg(index)), 0)
+    }
+
+    /// Enslave link `index` to bridge `master` and set it up, in one request.
+    pub fn attach_up(&mut self, index: u32, master: u32) -> io::Result<()> {
+        let mut msg = up_msg(index);
+        msg.attributes.push(LinkAttribute::Controller(master));
+        self.ack(RouteNetlinkMessage::NewLink(msg), 0)
+    }
+
+    /// Add `addr/prefix` (with its broadcast address) to link `index`.
+    /// Returns `false` if that address was already present.
+    pub fn add_ipv4(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<bool> {
+        let mut msg = addr_msg(index, addr, prefix)?;
+        if prefix < 31 {
+            let brd = Ipv4Addr::from(u32::from(addr) | u32::MAX >> prefix);
+            msg.attributes.push(AddressAttribute::Broadcast(brd));
+        }
+        match self.ack(RouteNetlinkMessage::NewAddress(msg), NLM_F_CREATE | NLM_F_EXCL) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Remove `addr/prefix` from link `index`; absent address or link is fine.
+    pub fn del_ipv4(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let msg = addr_msg(index, addr, prefix)?;
+        ignore_errno(self.ack(RouteNetlinkMessage::DelAddress(msg), 0), &[libc::EADDRNOTAVAIL, libc::ENODEV])
+    }
+
+    /// Name of the interface carrying the IPv4 default route of the main
+    /// table with the lowest metric, or `None` if there is none.
+    pub fn default_route_iface(&mut self) -> io::Result<Option<String>> {
+        let mut req = RouteMessage::default();
+        req.header.address_family = AddressFamily::Inet;
+        // Streamed: a router's main table may hold a million routes.
+        let mut best: Option<(u32, u32)> = None;
+        self.request(RouteNetlinkMessage::GetRoute(req), NLM_F_DUMP, |m| {
+            if let RouteNetlinkMessage::NewRoute(r) = m {
+                if let Some(cand) = default_route_oif(&r) {
+                    if best.is_none_or(|(metric, _)| cand.0 < metric) {
+                        best = Some(cand);
+                    }
+                }
+            }
+        })?;
+        match best {
+            Some((_, oif)) => self.link_name(oif),
+            None => Ok(None),
+        }
+    }
+
+    /// RTM_GETLINK for a single link; `None` if the kernel says ENODEV.
+    fn get_link(&mut self, msg: LinkMessage) -> io::Result<Option<LinkMessage>> {
+        let mut link = None;
+        let result = self.request(RouteNetlinkMessage::GetLink(msg), NLM_F_ACK, |m| {
+            if let RouteNetlinkMessage::NewLink(l) = m {
+                link = Some(l);
+            }
+        });
+        match result {
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            r => r.map(|()| link),
+        }
+    }
+
+    /// Send a request that only expects an acknowledgement.
+    fn ack(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+        self.request(msg, flags | NLM_F_ACK, drop)
+    }
+
+    /// Send one request and pass every reply message carrying its sequence
+    /// number to `on_reply`, until the terminating ACK/error (or NLMSG_DONE
+    /// for dumps).
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        mut on_reply: impl FnMut(RouteNetlinkMessage),
+    ) -> io::Result<()> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        packet.finalize();
+        let mut out = vec![0; packet.buffer_len()];
+        packet.serialize(&mut out);
+        self.socket.send(&out, 0)?;
+
+        loop {
+            self.buf.clear();
+            let len = loop {
+                match self.socket.recv(&mut self.buf, libc::MSG_TRUNC) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r?,
+                }
+            };
+            if len > self.buf.len() {
+                return Err(invalid_data("netlink reply truncated"));
+            }
+            let mut data = &self.buf[..];
+            while !data.is_empty() {
+                let nl =
+                    NetlinkBuffer::new_checked(data).map_err(|e| invalid_data(&format!("bad netlink message: {e}")))?;
+                let msg_len = nl.length() as usize;
+                let this = &data[..msg_len];
+                data = &data[msg_len.next_multiple_of(4).min(data.len())..];
+                if nl.sequence_number() != seq {
+                    continue; // stale reply to an earlier, abandoned request
+                }
+                let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(this)
+                    .map_err(|e| invalid_data(&format!("bad netlink reply: {e}")))?;
+                let code = match parsed.payload {
+                    NetlinkPayload::InnerMessage(m) => {
+                        on_reply(m);
+                        continue;
+                    }
+                    NetlinkPayload::Error(e) => e.raw_code(),
+                    NetlinkPayload::Done(d) => d.code,
+                    _ => continue,
+                };
+                return match code {
+                    0 => Ok(()),
+                    c => Err(io::Error::from_raw_os_error(c.abs())),
+                };
+            }
+        }
+    }
+}
+
+/// `(metric, oif)` if `r` is an IPv4 unicast default route of the main table.
+fn default_route_oif(r: &RouteMessage) -> Option<(u32, u32)> {
+    let h = &r.header;
+    if h.address_family != AddressFamily::Inet || h.destination_prefix_length != 0 || h.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut table = u32::from(h.table);
+    let (mut metric, mut oif) = (0, None);
+    for attr in &r.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Priority(p) => metric = *p,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::MultiPath(hops) if oif.is_none() => oif = hops.first().map(|h| h.interface_index),
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    oif.filter(|&i| i != 0).map(|i| (metric, i))
+}
+
+fn link_msg(index: u32) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    msg
+}
+
+fn up_msg(index: u32) -> LinkMessage {
+    let mut msg = link_msg(index);
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    msg
+}
+
+fn addr_msg(index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<AddressMessage> {
+    if prefix > 32 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid IPv4 prefix length /{prefix}")));
+    }
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.prefix_len = prefix;
+    msg.header.index = index;
+    msg.attributes.push(AddressAttribute::Local(IpAddr::V4(addr)));
+    msg.attributes.push(AddressAttribute::Address(IpAddr::V4(addr)));
+    Ok(msg)
+}
+
+fn check_ifname(name: &str) -> io::Result<()> {
+    if name.is_empty() || name.len() >= IFNAMSIZ || name.contains(['/', '\0']) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid interface name {name:?}")));
+    }
+    Ok(())
+}
+
+fn ignore_errno(r: io::Result<()>, errnos: &[i32]) -> io::Result<()> {
+    match r {
+        Err(e) if e.raw_os_error().is_some_and(|c| errnos.contains(&c)) => Ok(()),
+        r => r,
+    }
+}
+
+fn invalid_data(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_owned())
+}

@@ -1,0 +1,219 @@
+//! RFC 6455 §4.2 opening handshake, server side, sans-io: request head bytes in, a decision
+//! and the response bytes out.
+//!
+//! Any path is accepted; no subprotocol is selected even if offered; no extension
+//! (permessage-deflate) is negotiated. A request without `Upgrade: websocket` is plain HTTP and
+//! gets a short text answer naming the server.
+
+use base64::Engine as _;
+use sha1::{Digest, Sha1};
+
+/// Largest request head accepted; a longer one is refused with 400.
+pub const MAX_HEAD: usize = 8192;
+const MAX_HEADERS: usize = 64;
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// A valid WebSocket upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    /// Bytes of the request head (anything after it belongs to the WebSocket stream).
+    pub head_len: usize,
+    /// The request target (path and query), as sent.
+    pub target: String,
+    pub origin: Option<String>,
+    pub forwarded_for: Option<String>,
+    /// The `Sec-WebSocket-Accept` value for this request's key.
+    pub accept: String,
+}
+
+impl Upgrade {
+    /// The `101 Switching Protocols` response.
+    pub fn response(&self) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            self.accept
+        )
+        .into_bytes()
+    }
+}
+
+/// A request answered with an HTTP response and then closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+    /// Extra header lines, each ending in CRLF.
+    pub headers: &'static str,
+    pub body: String,
+}
+
+impl Refusal {
+    pub fn new(status: u16, body: impl Into<String>) -> Refusal {
+        Refusal { status, reason: status_text(status), headers: "", body: body.into() }
+    }
+
+    pub fn response(&self) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 {} {}\r\nServer: wsnic\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n{}\r\n{}",
+            self.status,
+            self.reason,
+            self.body.len(),
+            self.headers,
+            self.body
+        )
+        .into_bytes()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The head is not complete yet: read more.
+    Partial,
+    Upgrade(Upgrade),
+    Refuse(Refusal),
+}
+
+fn status_text(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// Text sent to a plain HTTP request.
+pub const PLAIN_HTTP_BODY: &str =
+    "wsnic: WebSocket to TAP relay. This endpoint expects a WebSocket upgrade (ws://HOST:PORT/), e.g. v86's network_relay_url.\n";
+
+fn has_token(value: &[u8], token: &str) -> bool {
+    std::str::from_utf8(value).map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))).unwrap_or(false)
+}
+
+/// `Sec-WebSocket-Accept` for a client key (§4.2.2).
+pub fn accept_key(key: &str) -> String {
+    let mut h = Sha1::new();
+    h.update(key.as_bytes());
+    h.update(GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+/// Judge the request head at the start of `buf`.
+pub fn parse_request(buf: &[u8]) -> Outcome {
+    let bad = |why: &str| Outcome::Refuse(Refusal::new(400, format!("wsnic: bad request: {why}\n")));
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(&buf[..buf.len().min(MAX_HEAD)]) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Outcome::Partial,
+        Ok(httparse::Status::Partial) => return bad("request head larger than 8 KiB"),
+        Err(e) => return bad(&format!("malformed request head ({e})")),
+    };
+    let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+    let text = |name: &str| header(name).and_then(|v| std::str::from_utf8(v).ok()).map(|s| s.trim().to_string());
+
+    if !header("upgrade").is_some_and(|v| has_token(v, "websocket")) {
+        let mut r = Refusal::new(426, PLAIN_HTTP_BODY);
+        r.headers = "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n";
+        return Outcome::Refuse(r);
+    }
+    if req.method != Some("GET") {
+        return Outcome::Refuse(Refusal::new(405, "wsnic: a WebSocket upgrade must use GET\n"));
+    }
+    if req.version != Some(1) {
+        return bad("a WebSocket upgrade needs HTTP/1.1");
+    }
+    if header("host").is_none() {
+        return bad("missing Host header");
+    }
+    if !header("connection").is_some_and(|v| has_token(v, "upgrade")) {
+        return bad("Connection header lacks \"Upgrade\"");
+    }
+    if text("sec-websocket-version").as_deref() != Some("13") {
+        let mut r = Refusal::new(426, "wsnic: only WebSocket version 13 is supported\n");
+        r.headers = "Sec-WebSocket-Version: 13\r\n";
+        return Outcome::Refuse(r);
+    }
+    let Some(key) = text("sec-websocket-key") else {
+        return bad("missing Sec-WebSocket-Key");
+    };
+    match base64::engine::general_purpose::STANDARD.decode(&key) {
+        Ok(k) if k.len() == 16 => {}
+        _ => return bad("Sec-WebSocket-Key is not 16 bytes of base64"),
+    }
+    Outcome::Upgrade(Upgrade {
+        head_len,
+        target: req.path.unwrap_or("/").to_string(),
+        origin: text("origin"),
+        forwarded_for: text("x-forwarded-for"),
+        accept: accept_key(&key),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = "GET /any/path?x=1 HTTP/1.1\r\nHost: h\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\nSec-WebSocket-Extensions: permessage-deflate\r\nOrigin: https://copy.sh\r\n\r\n";
+
+    fn status(req: &str) -> u16 {
+        match parse_request(req.as_bytes()) {
+            Outcome::Refuse(r) => r.status,
+            o => panic!("expected refusal, got {o:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_rfc_example_key_and_selects_nothing() {
+        let Outcome::Upgrade(u) = parse_request(&[GOOD.as_bytes(), &[0x82, 0x80]].concat()) else { panic!() };
+        assert_eq!(u.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(u.head_len, GOOD.len());
+        assert_eq!(u.target, "/any/path?x=1");
+        assert_eq!(u.origin.as_deref(), Some("https://copy.sh"));
+        let resp = String::from_utf8(u.response()).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 101 "));
+        assert!(!resp.contains("Sec-WebSocket-Protocol") && !resp.contains("Extensions"));
+    }
+
+    #[test]
+    fn partial_until_blank_line() {
+        for cut in 0..GOOD.len() {
+            assert_eq!(parse_request(&GOOD.as_bytes()[..cut]), Outcome::Partial, "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(status("GET / HTTP/1.1\r\nHost: h\r\n\r\n"), 426);
+        assert_eq!(status(&GOOD.replace("Version: 13", "Version: 8")), 426);
+        assert_eq!(status(&GOOD.replace("GET", "POST")), 405);
+        assert_eq!(status(&GOOD.replace("HTTP/1.1", "HTTP/1.0")), 400);
+        assert_eq!(status(&GOOD.replace("keep-alive, Upgrade", "keep-alive")), 400);
+        assert_eq!(status(&GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short")), 400);
+        assert_eq!(status(&GOOD.replace("Host: h\r\n", "")), 400);
+        assert_eq!(status("GARBAGE\x01\r\n\r\n"), 400);
+        let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        assert_eq!(status(&huge), 400);
+        assert_eq!(status(&huge[..MAX_HEAD + 10]), 400); // no end in sight
+    }
+
+    #[test]
+    fn plain_http_names_server() {
+        let Outcome::Refuse(r) = parse_request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") else { panic!() };
+        let text = String::from_utf8(r.response()).unwrap();
+        assert!(text.contains("426 Upgrade Required") && text.contains("wsnic") && text.contains("WebSocket"));
+        assert!(text.ends_with(PLAIN_HTTP_BODY));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = parse_request(&data);
+        }
+    }
+}

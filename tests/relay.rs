@@ -1,0 +1,408 @@
+//! The relay core end to end: a real wsnic process in its own network namespace, real
+//! TAP devices on a real bridge, real nftables, and WebSocket clients from an independent
+//! implementation (tungstenite) or hand-written bytes where a library would refuse.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use support::frames::{self, mac};
+use support::{client_frame, eventually, raw_ws, read_frame, Guest, Netns, Wsnic};
+use tungstenite::Message;
+
+const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 1);
+const SEC: Duration = Duration::from_secs(1);
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 2, last)
+}
+
+fn http(ns: &Netns, request: &[u8]) -> String {
+    let mut s = ns.tcp("127.0.0.1:8070");
+    s.set_read_timeout(Some(5 * SEC)).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn handshakes_accepted_and_refused() {
+    let ns = Netns::new("hs");
+    let mut w = Wsnic::start(&ns, &[]);
+
+    let plain = http(&ns, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(plain.starts_with("HTTP/1.1 426 "), "{plain}");
+    assert!(plain.contains("wsnic") && plain.contains("WebSocket upgrade"), "{plain}");
+
+    let v8 = http(&ns, b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n");
+    assert!(v8.starts_with("HTTP/1.1 426 ") && v8.contains("Sec-WebSocket-Version: 13"), "{v8}");
+    let nokey = http(
+        &ns,
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert!(nokey.starts_with("HTTP/1.1 400 "), "{nokey}");
+    let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(9000));
+    assert!(http(&ns, huge.as_bytes()).starts_with("HTTP/1.1 400 "));
+    let garbage = http(&ns, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n");
+    assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
+    assert!(ns.bridge_ports("wsnicbr0").is_empty(), "a refused handshake made a TAP");
+
+    // Any path, an offered subprotocol is not selected, and a TAP appears on the bridge.
+    let stream = ns.tcp("127.0.0.1:8070");
+    let req = tungstenite::handshake::client::Request::builder()
+        .uri("ws://127.0.0.1:8070/some/path?x=1")
+        .header("Host", "127.0.0.1:8070")
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", tungstenite::handshake::client::generate_key())
+        .header("Sec-WebSocket-Protocol", "binary")
+        .body(())
+        .unwrap();
+    // tungstenite insists that an offered protocol be selected; the relay selects none.
+    let err = tungstenite::client(req, stream).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("SubProtocol") || err.to_lowercase().contains("protocol"), "{err}");
+
+    let mut g = Guest::connect(&ns, mac(1), Ipv4Addr::UNSPECIFIED);
+    w.wait_log("connected on wsnic0", 5 * SEC);
+    assert!(eventually(5 * SEC, || ns.bridge_ports("wsnicbr0") == ["wsnic0"]), "{:?}", ns.bridge_ports("wsnicbr0"));
+    let up = ns.ip(&["-o", "link", "show", "wsnic0"]);
+    assert!(up.contains(",UP"), "{up}");
+    g.ws.close(None).unwrap();
+    while g.ws.read().is_ok() {}
+    assert!(eventually(5 * SEC, || !ns.link_exists("wsnic0")), "TAP left behind after disconnect");
+    w.wait_log("disconnected after", 5 * SEC);
+}
+
+#[test]
+fn handshake_timeout_drops_silent_connection() {
+    let ns = Netns::new("hto");
+    let _w = Wsnic::start(&ns, &["--handshake-timeout", "1s"]);
+    let mut s = ns.tcp("127.0.0.1:8070");
+    s.set_read_timeout(Some(10 * SEC)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let t = Instant::now();
+    let mut b = [0u8; 16];
+    assert_eq!(s.read(&mut b).unwrap_or(0), 0);
+    assert!(t.elapsed() < 8 * SEC);
+}
+
+#[test]
+fn arp_and_ping_to_the_gateway() {
+    let ns = Netns::new("gw");
+    let _w = Wsnic::start(&ns, &[]);
+    let mut g = Guest::connect(&ns, mac(10), ip(10));
+    let gw_mac = g.arp(GW);
+    let bridge_mac = ns.ip(&["-o", "link", "show", "wsnicbr0"]);
+    let shown = gw_mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    assert!(bridge_mac.contains(&shown), "ARP reply {shown} is not the bridge's MAC: {bridge_mac}");
+
+    for seq in 1..=3 {
+        g.send(frames::icmp_echo(8, g.mac, gw_mac, g.ip, GW, 7, seq, b"wsnic-test"));
+        let r = g.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((GW, ip(10), 0, 7, seq)));
+        assert!(r.is_some(), "no echo reply {seq} from the gateway");
+    }
+}
+
+#[test]
+fn two_clients_reach_each_other() {
+    let ns = Netns::new("two");
+    let _w = Wsnic::start(&ns, &[]);
+    let mut a = Guest::connect(&ns, mac(11), ip(11));
+    let b = Guest::connect(&ns, mac(12), ip(12));
+    // B answers ARP and ping on its own thread, as a guest kernel would.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let responder = std::thread::spawn(move || {
+        let mut b = b;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            b.recv_until(Duration::from_millis(100), |_| false);
+        }
+    });
+    let b_mac = a.arp(ip(12));
+    assert_eq!(b_mac, mac(12));
+    a.send(frames::icmp_echo(8, a.mac, b_mac, a.ip, ip(12), 9, 1, b"hello b"));
+    assert!(a.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((ip(12), ip(11), 0, 9, 1))).is_some());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    responder.join().unwrap();
+}
+
+/// The original registered the TAP with epoll before TUNSETIFF and so sat on frames for a
+/// client that had not spoken. Here the client never sends anything.
+#[test]
+fn silent_client_receives_frames_at_once() {
+    let ns = Netns::new("silent");
+    let mut w = Wsnic::start(&ns, &[]);
+    let mut g = Guest::connect(&ns, mac(50), Ipv4Addr::UNSPECIFIED);
+    w.wait_log("connected on", 5 * SEC);
+    ns.ip(&["neigh", "replace", "192.168.2.50", "lladdr", "02:00:5e:00:00:32", "dev", "wsnicbr0", "nud", "permanent"]);
+    let pinger = ns
+        .cmd("ping")
+        .args(["-c", "5", "-i", "0.2", "-W", "1", "192.168.2.50"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    while seen.len() < 5 && start.elapsed() < 10 * SEC {
+        if let Some(f) = g.recv_until(SEC, |f| matches!(frames::icmp_of(f), Some((_, d, 8, _, _)) if d == ip(50))) {
+            seen.push((frames::icmp_of(&f).unwrap().4, start.elapsed()));
+        }
+    }
+    let _ = pinger.wait_with_output();
+    assert_eq!(seen.len(), 5, "echo requests that reached the silent client: {seen:?}");
+    // ping sends every 200 ms: five requests arriving over ~0.8 s means none waited.
+    let spread = seen[4].1 - seen[0].1;
+    assert!(spread < 3 * SEC, "{seen:?}");
+}
+
+#[test]
+fn ping_through_nat_to_the_uplink() {
+    let relay = Netns::new("nat");
+    let up = Netns::new("upl");
+    relay.veth("uplink0", &up, "peer0");
+    relay.ip(&["addr", "add", "198.51.100.2/24", "dev", "uplink0"]);
+    relay.ip(&["route", "add", "default", "via", "198.51.100.1"]);
+    up.ip(&["addr", "add", "198.51.100.1/24", "dev", "peer0"]);
+    // Count echo requests on the uplink peer by their source address. The peer has no route
+    // back to 192.168.2.0/24, so a reply proves the source was rewritten.
+    up.nft(
+        "table ip count {
+            chain input {
+                type filter hook input priority 0;
+                ip saddr 198.51.100.2 icmp type echo-request counter
+                ip saddr 192.168.2.0/24 counter
+            }
+        }",
+    );
+    let mut w = Wsnic::start(&relay, &[]);
+    w.wait_log("uplink uplink0, NAT on", 5 * SEC);
+    let mut g = Guest::connect(&relay, mac(20), ip(20));
+    let gw_mac = g.arp(GW);
+    let far = Ipv4Addr::new(198, 51, 100, 1);
+    for seq in 1..=3 {
+        g.send(frames::icmp_echo(8, g.mac, gw_mac, g.ip, far, 3, seq, b"through nat"));
+        assert!(
+            g.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((far, ip(20), 0, 3, seq))).is_some(),
+            "no reply {seq} through NAT"
+        );
+    }
+    let counters = String::from_utf8_lossy(&up.exec("nft", &["list", "table", "ip", "count"]).stdout).into_owned();
+    assert!(counters.contains("icmp type echo-request counter packets 3"), "{counters}");
+    assert!(counters.contains("ip saddr 192.168.2.0/24 counter packets 0"), "{counters}");
+}
+
+#[test]
+fn sigterm_restores_everything() {
+    let ns = Netns::new("term");
+    ns.set_sysctl("net.ipv4.ip_forward", "0");
+    let w = Wsnic::start(&ns, &[]);
+    let _g = Guest::connect(&ns, mac(30), ip(30));
+    assert!(eventually(5 * SEC, || ns.link_exists("wsnic0")));
+    assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "1");
+    assert!(ns.nft_tables().contains("wsnic_wsnicbr0"));
+    assert_eq!(w.stop(), 0);
+    assert!(!ns.link_exists("wsnicbr0") && !ns.link_exists("wsnic0"));
+    assert!(!ns.nft_tables().contains("wsnic"), "{}", ns.nft_tables());
+    assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "0");
+}
+
+#[test]
+fn sigkill_then_restart_repairs() {
+    let ns = Netns::new("kill");
+    ns.set_sysctl("net.ipv4.ip_forward", "0");
+    let mut w = Wsnic::start(&ns, &[]);
+    w.signal("KILL");
+    w.wait_exit();
+    assert!(ns.link_exists("wsnicbr0") && ns.nft_tables().contains("wsnic_wsnicbr0"), "a SIGKILL leaves state behind");
+    assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "1");
+    let log = w.log.clone();
+    drop(w);
+    let mut w = Wsnic::start_logging(&ns, &[], log);
+    w.wait_log("did not exit cleanly", 5 * SEC);
+    let mut g = Guest::connect(&ns, mac(31), ip(31));
+    g.arp(GW); // the repaired network works
+    assert_eq!(w.stop(), 0);
+    assert!(!ns.link_exists("wsnicbr0"));
+    assert!(!ns.nft_tables().contains("wsnic"));
+    assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "0", "the value from before the crashed run is restored");
+}
+
+#[test]
+fn existing_bridge_is_adopted_and_left() {
+    let ns = Netns::new("adopt");
+    ns.ip(&["link", "add", "wsnicbr0", "type", "bridge"]);
+    let mut w = Wsnic::start(&ns, &[]);
+    w.wait_log("adopting existing bridge", 5 * SEC);
+    let mut g = Guest::connect(&ns, mac(32), ip(32));
+    g.arp(GW);
+    assert_eq!(w.stop(), 0);
+    assert!(ns.link_exists("wsnicbr0"), "someone else's bridge was deleted");
+    assert!(!ns.ip(&["addr", "show", "wsnicbr0"]).contains("192.168.2.1"), "our address stayed");
+}
+
+/// A client that never reads while its peer floods it: the server stops reading the slow
+/// client's TAP (the kernel queue drops) and its memory stays flat.
+#[test]
+fn slow_reader_does_not_grow_memory() {
+    let ns = Netns::new("slow");
+    let w = Wsnic::start(&ns, &[]);
+    let sleeper = support::raw_ws(&ns);
+    let mut flood = Guest::connect(&ns, mac(41), ip(41));
+    let frame = {
+        let mut f = vec![0u8; 1400];
+        f[..6].copy_from_slice(&mac(40)); // the sleeper's MAC: unknown to the bridge, so flooded to it
+        f[6..12].copy_from_slice(&mac(41));
+        f[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental EtherType
+        client_frame(2, &f)
+    };
+    let burst: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 100).collect();
+    let send = |n: usize, flood: &mut Guest| {
+        for _ in 0..n / 100 {
+            flood.ws.get_mut().write_all(&burst).unwrap();
+        }
+    };
+    send(20_000, &mut flood); // warm up: buffers allocated, socket buffers full
+    std::thread::sleep(Duration::from_millis(300));
+    let before = w.rss_kib();
+    send(100_000, &mut flood); // 140 MB more toward a client that reads nothing
+    std::thread::sleep(Duration::from_millis(300));
+    let after = w.rss_kib();
+    assert!(after < before + 4096, "RSS grew from {before} KiB to {after} KiB");
+    // The backpressure is real: the sleeper's TAP (the first one) dropped in the kernel.
+    let stats = ns.ip(&["-s", "-j", "link", "show", "wsnic0"]);
+    let tx = stats.split("\"tx\":").nth(1).unwrap();
+    let dropped: u64 =
+        tx.split("\"dropped\":").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+    assert!(dropped > 10_000, "the kernel queue should have dropped most of the flood: {stats}");
+    drop(sleeper);
+}
+
+#[test]
+fn frame_rules_and_control_frames() {
+    let ns = Netns::new("frames");
+    let mut w = Wsnic::start(&ns, &["--max-frame-size", "1514"]);
+
+    // Ping → pong with the same payload; text is dropped and counted; a runt is dropped.
+    let mut g = Guest::connect(&ns, mac(60), ip(60));
+    g.ws.send(Message::Ping(b"are you there".to_vec().into())).unwrap();
+    g.ws.send(Message::text("text is not a frame")).unwrap();
+    g.ws.send(Message::binary(vec![1u8; 10])).unwrap();
+    loop {
+        match g.ws.read().unwrap() {
+            Message::Pong(p) => {
+                assert_eq!(&p[..], b"are you there");
+                break;
+            }
+            Message::Binary(_) => {}
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+    // A frame over max_frame_size: close 1009.
+    g.ws.send(Message::binary(vec![0u8; 1515])).unwrap();
+    let code = loop {
+        match g.ws.read() {
+            Ok(Message::Close(Some(c))) => break u16::from(c.code),
+            Ok(_) => {}
+            Err(e) => panic!("expected a close frame, got {e}"),
+        }
+    };
+    assert_eq!(code, 1009);
+    let log = w.wait_log("frame too big", 5 * SEC);
+    assert!(log.contains("text 1, runt 1"), "{log}");
+
+    // Unmasked client frame: close 1002.
+    let mut s = raw_ws(&ns);
+    s.write_all(&[0x82, 0x02, 0xab, 0xcd]).unwrap();
+    let (op, payload) = read_frame(&mut s).unwrap();
+    assert_eq!((op, u16::from_be_bytes([payload[0], payload[1]])), (8, 1002));
+
+    // Fragmented message: reassembled into one frame (it reaches the gateway as an ARP).
+    let mut s = raw_ws(&ns);
+    let arp = frames::arp_request(mac(61), ip(61), GW);
+    let mut first = client_frame(2, &arp[..20]);
+    first[0] &= 0x7f; // FIN clear
+    let mut last = client_frame(0, &arp[20..]);
+    last[0] |= 0x80;
+    s.write_all(&[first, client_frame(9, b"mid"), last].concat()).unwrap();
+    let mut got_pong = false;
+    loop {
+        let (op, p) = read_frame(&mut s).unwrap();
+        got_pong |= op == 0xA && p == b"mid";
+        if op == 2 && frames::arp_reply_from(&p, GW).is_some() {
+            break;
+        }
+    }
+    assert!(got_pong);
+
+    // Close handshake initiated by the client: the server answers with the same code.
+    s.write_all(&client_frame(8, &[0x03, 0xe8])).unwrap();
+    loop {
+        let (op, p) = read_frame(&mut s).unwrap();
+        if op == 8 {
+            assert_eq!(p, [0x03, 0xe8]);
+            break;
+        }
+    }
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap_or(0), 0, "server closes TCP after the close handshake");
+}
+
+#[test]
+fn keepalive_pings_then_closes_idle_client() {
+    let ns = Netns::new("idle");
+    let mut w = Wsnic::start(&ns, &["--ping-interval", "1s", "--idle-timeout", "3s"]);
+    let mut s = raw_ws(&ns);
+    let t = Instant::now();
+    // Skip the frames the kernel sends on its own (IPv6 neighbour discovery, MLD).
+    let mut next = || loop {
+        match read_frame(&mut s).unwrap() {
+            (2, _) => continue,
+            f => return f,
+        }
+    };
+    assert_eq!(next().0, 9, "a silent client gets a PING");
+    let (op, p) = next();
+    assert_eq!((op, u16::from_be_bytes([p[0], p[1]])), (8, 1001), "then a Close (going away)");
+    assert!(t.elapsed() >= 2 * SEC, "closed too early: {:?}", t.elapsed());
+    w.wait_log("idle for", 5 * SEC);
+}
+
+#[test]
+fn bad_config_is_refused_with_file_and_line() {
+    let dir = std::env::temp_dir().join(format!("wsnic-badconf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("wsnic.conf");
+    std::fs::write(&f, "# comment\nws_server_port=8070\nbridge_subnet=10.1.2.0/31\n").unwrap();
+    let out = std::process::Command::new(support::BIN).arg("-c").arg(&f).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:3: bridge_subnet:", f.display())), "{err}");
+
+    std::fs::write(&f, "colour=blue\n").unwrap();
+    // The default file is wsnic.conf in the working directory.
+    let out = std::process::Command::new(support::BIN).current_dir(&dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wsnic.conf:1: colour: unknown key"));
+
+    let out =
+        std::process::Command::new(support::BIN).args(["--idle-timeout", "5s"]).current_dir("/").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--idle-timeout: idle_timeout:"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn without_net_admin_says_so_and_exits_1() {
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", support::BIN])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CAP_NET_ADMIN") && err.lines().count() == 1, "{err}");
+}
