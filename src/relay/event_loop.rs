@@ -188,6 +188,10 @@ impl Relay {
             self.queued[i] = false;
             let Slot::Client(c) = &mut self.slots[i] else { continue };
             match c.run(now, &mut self.pool) {
+                Progress::Idle if c.closing.is_some() && c.pending_output() == 0 => {
+                    let reason = c.ending.take().map_or_else(|| "closed".to_string(), |e| e.reason);
+                    self.finish(i, &reason);
+                }
                 Progress::Idle => {}
                 Progress::Again => self.schedule(i),
                 Progress::End(e) => self.end(i, e, now),
@@ -295,7 +299,8 @@ impl Relay {
     }
 
     fn refuse(&mut self, i: usize, mut p: Pending, r: Refusal) {
-        log::info!("{}: handshake refused: {} {}: {}", p.peer, r.status, r.reason, r.body.trim_end());
+        log::info!("{}: handshake refused: {} {}", p.peer, r.status, r.reason);
+        log::debug!("{}: {}", p.peer, r.body.trim_end());
         // Best effort: a refusal is small and the socket buffer is empty.
         let _ = p.sock.write(&r.response());
         let _ = p.sock.shutdown(Shutdown::Write);
@@ -311,11 +316,9 @@ impl Relay {
             c.queue_close(code, &e.reason, now, &mut self.pool);
         }
         c.closing.get_or_insert(now);
-        let flushed = c.flush().is_ok() && c.pending_output() == 0;
-        if flushed || e.code.is_none() && c.pending_output() == 0 {
-            self.finish(i, &e.reason);
-        } else {
-            c.ending = Some(e);
+        match c.flush() {
+            Ok(()) if c.pending_output() > 0 => c.ending = Some(e), // linger until flushed
+            _ => self.finish(i, &e.reason),
         }
     }
 
