@@ -1,6 +1,7 @@
 //! wsnic: a WebSocket to TAP relay for browser-based emulators.
 
 pub mod config;
+pub mod connect;
 pub mod logging;
 pub mod netsetup;
 pub mod relay;

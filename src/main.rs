@@ -14,8 +14,25 @@ fn cli() -> Command {
         .about("WebSocket to TAP device relay: gives browser-based emulators (v86, jor1k, JSLinux) a real, NAT-ed virtual network")
         .after_help("Every configuration key can be given as --key-name VALUE (or --key_name); command line beats file beats built-in default.\nNeeds root or CAP_NET_ADMIN.")
         .arg(Arg::new("config").short('c').long("config").value_name("FILE").help("configuration file (default: wsnic.conf in the working directory, if it exists)"))
-        .arg(Arg::new("verbose").short('v').long("verbose").action(ArgAction::SetTrue).conflicts_with("quiet").help("print debug output"))
-        .arg(Arg::new("quiet").short('q').long("quiet").action(ArgAction::SetTrue).help("print only warnings and errors"));
+        .arg(
+            Arg::new("verbose")
+                .short('v')
+                .long("verbose")
+                .global(true)
+                .action(ArgAction::SetTrue)
+                .conflicts_with("quiet")
+                .help("print debug output"),
+        )
+        .arg(Arg::new("quiet").short('q').long("quiet").global(true).action(ArgAction::SetTrue).help("print only warnings and errors"))
+        .args_conflicts_with_subcommands(true)
+        .subcommand(
+            Command::new("connect")
+                .about("Put this machine on a relay's LAN: a local TAP device carried over one WebSocket, as a browser VM does")
+                .arg(Arg::new("url").required(true).value_name("URL").help("the relay, ws://HOST[:PORT][/PATH]"))
+                .arg(Arg::new("tap").long("tap").value_name("NAME").default_value("wstap%d").help("TAP device name; %d lets the kernel pick a number"))
+                .arg(Arg::new("mac").long("mac").value_name("MAC").help("MAC address of the TAP (default: a stable locally administered one, derived from this machine and the TAP's name)"))
+                .arg(Arg::new("max-frame-size").long("max-frame-size").value_name("BYTES").default_value("65549").help("largest frame accepted from the relay, 1514..65549")),
+        );
     for k in KEYS {
         let long = k.name.replace('_', "-");
         let help =
@@ -47,13 +64,17 @@ fn load_config(m: &clap::ArgMatches) -> Result<Config, ConfigError> {
 
 fn main() -> ExitCode {
     let m = cli().get_matches();
-    wsnic::logging::init(if m.get_flag("verbose") {
+    let verbosity = if m.get_flag("verbose") {
         1
     } else if m.get_flag("quiet") {
         -1
     } else {
         0
-    });
+    };
+    wsnic::logging::init(verbosity);
+    if let Some(c) = m.subcommand_matches("connect") {
+        return connect(c);
+    }
     let cfg = match load_config(&m) {
         Ok(c) => c,
         Err(e) => {
@@ -69,6 +90,45 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn connect(m: &clap::ArgMatches) -> ExitCode {
+    let arg = |k: &str| m.get_one::<String>(k).cloned();
+    let usage = |e: String| {
+        eprintln!("wsnic connect: {e}");
+        ExitCode::from(2)
+    };
+    let mac = match arg("mac").map(|s| wsnic::sys::parse_mac(&s)).transpose() {
+        Ok(m) => m,
+        Err(e) => return usage(format!("--mac: {e}")),
+    };
+    let max_frame = match arg("max-frame-size").unwrap_or_default().parse::<usize>() {
+        Ok(n) if (1514..=65549).contains(&n) => n,
+        _ => return usage("--max-frame-size: expected a number of bytes in 1514..65549".into()),
+    };
+    let url = arg("url").unwrap_or_default();
+    if let Err(e) = wsnic::connect::parse_url(&url) {
+        return usage(e);
+    }
+    if !wsnic::sys::has_net_admin() {
+        eprintln!("wsnic connect: needs root or CAP_NET_ADMIN to create a TAP device (run it with sudo)");
+        return ExitCode::from(1);
+    }
+    let opts = wsnic::connect::Options {
+        url,
+        tap: arg("tap").unwrap_or_default(),
+        mac,
+        max_frame,
+        ping_interval: std::time::Duration::from_secs(30),
+        idle_timeout: std::time::Duration::from_secs(100),
+    };
+    match wsnic::connect::run(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsnic connect: {e}");
             ExitCode::from(1)
         }
     }

@@ -163,7 +163,14 @@ impl Network {
         let br = &cfg.bridge_name;
         let index = match existing {
             Some(i) => i,
-            None => self.nl.create_bridge(br).map_err(ctx(|| format!("creating bridge {br}")))?,
+            None => {
+                let i = self.nl.create_bridge(br).map_err(ctx(|| format!("creating bridge {br}")))?;
+                // A fixed MAC: the gateway's stays the same as clients come and go, and
+                // across restarts, so guests' ARP caches stay right.
+                let mac = crate::sys::stable_mac(br);
+                self.nl.set_mac_up(i, mac).map_err(ctx(|| format!("setting the MAC of {br}")))?;
+                i
+            }
         };
         self.bridge_index = index;
         let (addr, prefix) = (cfg.bridge_addr(), cfg.bridge_subnet.prefix);

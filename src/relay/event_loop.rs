@@ -18,11 +18,11 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use super::bufpool::BufPool;
-use super::client::{Client, Ending, Progress};
+use super::pipe::{Ending, Pipe, Progress};
 use crate::sys::netlink::Netlink;
 use crate::sys::tap::Tap;
-use crate::ws::close_code;
 use crate::ws::handshake::{self, Outcome, Refusal};
+use crate::ws::{close_code, Role};
 
 const LISTENER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
@@ -56,7 +56,7 @@ struct Pending {
 enum Slot {
     Free,
     Pending(Pending),
-    Client(Box<Client>),
+    Client(Box<Pipe>),
 }
 
 pub struct Relay {
@@ -90,7 +90,7 @@ impl Relay {
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let mut signals = Signals::new([SIGINT, SIGTERM])?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let pool = BufPool::new(Client::buffer_size_for(settings.max_frame), POOL_KEEP);
+        let pool = BufPool::new(Pipe::buffer_size_for(settings.max_frame), POOL_KEEP);
         Ok(Relay {
             poll,
             listener,
@@ -288,7 +288,7 @@ impl Relay {
                     return self.refuse(i, p, Refusal::new(503, "wsnic: internal error\n"));
                 }
                 log::info!("{} connected on {} (path {})", p.peer, tap.name(), u.target);
-                let mut c = Box::new(Client::new(p.sock, tap, p.peer, self.settings.max_frame, now));
+                let mut c = Box::new(Pipe::new(p.sock, tap, p.peer, Role::Server, self.settings.max_frame, now));
                 c.preload(&u.response(), &p.head[u.head_len..], &mut self.pool);
                 p.head = Vec::new();
                 self.slots[i] = Slot::Client(c);
@@ -332,8 +332,8 @@ impl Relay {
             c.connected_at.elapsed().as_secs_f64(),
             s.to_tap_frames,
             s.to_tap_bytes,
-            s.to_client_frames,
-            s.to_client_bytes,
+            s.to_ws_frames,
+            s.to_ws_bytes,
             s.drops(),
             s.drop_text,
             s.drop_runt,

@@ -2,7 +2,7 @@
 //! every client socket and every TAP, and drives the sans-io cores.
 
 pub mod bufpool;
-pub mod client;
 pub mod event_loop;
+pub mod pipe;
 
 pub use event_loop::{Relay, Settings};

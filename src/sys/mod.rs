@@ -40,6 +40,44 @@ pub fn netns_id() -> std::io::Result<u64> {
     }
 }
 
+/// A locally administered unicast MAC that stays the same for `seed` on this machine
+/// (derived from /etc/machine-id, or the hostname where there is none).
+pub fn stable_mac(seed: &str) -> [u8; 6] {
+    use sha1::{Digest, Sha1};
+    let id = std::fs::read_to_string("/etc/machine-id")
+        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
+        .unwrap_or_default();
+    let h = Sha1::new().chain_update(id.trim()).chain_update(b"/wsnic/").chain_update(seed).finalize();
+    let mut mac: [u8; 6] = h[..6].try_into().expect("6 bytes");
+    mac[0] = (mac[0] & 0xfc) | 0x02; // unicast, locally administered
+    mac
+}
+
+/// `aa:bb:cc:dd:ee:ff`
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+}
+
+/// Parse `aa:bb:cc:dd:ee:ff` (or with `-`); must be unicast.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    let bad = || format!("{s:?} is not a MAC address like 02:00:00:12:34:56");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 || mac == [0; 6] {
+        return Err(format!("{s} is not a unicast address"));
+    }
+    Ok(mac)
+}
+
 /// Raise the soft open-files limit to the hard limit (each client holds a socket and a TAP).
 pub fn raise_nofile_limit() -> std::io::Result<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -54,4 +92,22 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs() {
+        let a = stable_mac("wsnicbr0");
+        assert_eq!(a, stable_mac("wsnicbr0"));
+        assert_ne!(a, stable_mac("wsnicbr1"));
+        assert_eq!(a[0] & 3, 2);
+        assert_eq!(parse_mac(&format_mac(&a)), Ok(a));
+        assert_eq!(parse_mac("02-00-00-00-00-01"), Ok([2, 0, 0, 0, 0, 1]));
+        assert!(parse_mac("01:00:5e:00:00:01").is_err());
+        assert!(parse_mac("02:00:00:00:00").is_err());
+        assert!(parse_mac("zz:00:00:00:00:00").is_err());
+    }
 }

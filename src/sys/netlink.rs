@@ -98,6 +98,15 @@ impl Netlink {
         self.ack(RouteNetlinkMessage::NewLink(msg), 0)
     }
 
+    /// Set link `index`'s MAC address and bring it up, in one request. A bridge given an
+    /// address this way keeps it, instead of taking the lowest MAC of its ports (which would
+    /// change the gateway's MAC whenever a client joins or leaves).
+    pub fn set_mac_up(&mut self, index: u32, mac: [u8; 6]) -> io::Result<()> {
+        let mut msg = up_msg(index);
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        self.ack(RouteNetlinkMessage::NewLink(msg), 0)
+    }
+
     /// Add `addr/prefix` (with its broadcast address) to link `index`.
     /// Returns `false` if that address was already present.
     pub fn add_ipv4(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<bool> {

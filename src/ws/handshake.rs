@@ -1,5 +1,6 @@
-//! RFC 6455 §4.2 opening handshake, server side, sans-io: request head bytes in, a decision
-//! and the response bytes out.
+//! RFC 6455 §4 opening handshake, sans-io. Server side: request head bytes in, a decision
+//! and the response bytes out. Client side (`wsnic connect`): the request bytes, and the
+//! server's response head judged.
 //!
 //! Any path is accepted; no subprotocol is selected even if offered; no extension
 //! (permessage-deflate) is negotiated. A request without `Upgrade: websocket` is plain HTTP and
@@ -154,6 +155,63 @@ pub fn parse_request(buf: &[u8]) -> Outcome {
     })
 }
 
+/// The client's upgrade request for `target` on `host` (the Host header, with port).
+/// `key` is 16 random bytes, base64-encoded.
+pub fn client_request(host: &str, target: &str, key: &str) -> Vec<u8> {
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: wsnic/{}\r\n\r\n",
+        env!("CARGO_PKG_VERSION")
+    )
+    .into_bytes()
+}
+
+/// How a server answered [`client_request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Partial,
+    /// Upgraded; WebSocket bytes start at `head_len`.
+    Accepted {
+        head_len: usize,
+    },
+    /// An HTTP answer other than 101: its status line.
+    Refused {
+        status: u16,
+        reason: String,
+    },
+    /// A 101 that breaks the protocol, or not HTTP at all.
+    Invalid(String),
+}
+
+/// Judge the server's response head at the start of `buf`, for the request sent with `key`.
+pub fn parse_response(buf: &[u8], key: &str) -> Response {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(&buf[..buf.len().min(MAX_HEAD)]) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Response::Partial,
+        Ok(httparse::Status::Partial) => return Response::Invalid("response head larger than 8 KiB".into()),
+        Err(e) => return Response::Invalid(format!("not an HTTP response ({e})")),
+    };
+    let status = resp.code.unwrap_or(0);
+    if status != 101 {
+        return Response::Refused { status, reason: resp.reason.unwrap_or("").to_string() };
+    }
+    let header = |name: &str| resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+    if !header("upgrade").is_some_and(|v| has_token(v, "websocket")) {
+        return Response::Invalid("101 without Upgrade: websocket".into());
+    }
+    if !header("connection").is_some_and(|v| has_token(v, "upgrade")) {
+        return Response::Invalid("101 without Connection: Upgrade".into());
+    }
+    if header("sec-websocket-accept").map(|v| v.trim_ascii()) != Some(accept_key(key).as_bytes()) {
+        return Response::Invalid("wrong Sec-WebSocket-Accept".into());
+    }
+    if header("sec-websocket-extensions").is_some() || header("sec-websocket-protocol").is_some() {
+        return Response::Invalid("server selected an extension or subprotocol that was not offered".into());
+    }
+    Response::Accepted { head_len }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,10 +268,30 @@ mod tests {
         assert!(text.ends_with(PLAIN_HTTP_BODY));
     }
 
+    #[test]
+    fn client_side_round_trip() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let req = client_request("relay:8070", "/x", key);
+        let Outcome::Upgrade(u) = parse_request(&req) else { panic!() };
+        assert_eq!(u.target, "/x");
+        let mut resp = u.response();
+        let n = resp.len();
+        resp.extend_from_slice(&[0x82, 0x00]);
+        assert_eq!(parse_response(&resp, key), Response::Accepted { head_len: n });
+        for cut in 0..n {
+            assert_eq!(parse_response(&resp[..cut], key), Response::Partial);
+        }
+        assert!(matches!(parse_response(&u.response(), "b3RoZXIga2V5IDE2IGJ5dA=="), Response::Invalid(_)));
+        let refused = Refusal::new(403, "no\n").response();
+        assert_eq!(parse_response(&refused, key), Response::Refused { status: 403, reason: "Forbidden".into() });
+        assert!(matches!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n", key), Response::Invalid(_)));
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = parse_request(&data);
+            let _ = parse_response(&data, "dGhlIHNhbXBsZSBub25jZQ==");
         }
     }
 }

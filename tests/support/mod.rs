@@ -47,6 +47,13 @@ impl Netns {
         c
     }
 
+    /// Start `prog args` inside, in the background, its output appended to `log`. The
+    /// namespace's drop kills it.
+    pub fn spawn(&self, prog: &str, args: &[&str], log: &std::path::Path) -> Child {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        self.cmd(prog).args(args).stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f).spawn().expect("spawn")
+    }
+
     /// Run `prog args` inside; return its output whatever its status.
     pub fn exec(&self, prog: &str, args: &[&str]) -> Output {
         self.cmd(prog).args(args).output().expect("spawn")

@@ -1,12 +1,14 @@
-//! One established client: its socket, its TAP, its WebSocket state and its buffers, and the
-//! two directions of the frame path between them.
+//! A pipe between one established WebSocket and one TAP device: the socket, the TAP, the
+//! WebSocket state, the buffers, and the two directions of the frame path between them.
+//! The relay runs one per client (server role); `wsnic connect` runs one (client role, which
+//! masks what it sends with a fresh random key per frame), so both follow the same rules.
 //!
-//! - client → TAP: socket bytes land in the input buffer; `ws::Conn` unmasks each complete
+//! - WebSocket → TAP: socket bytes land in the input buffer; `ws::Conn` unmasks each complete
 //!   frame in place; a binary frame goes to the TAP with one `write()`. If the TAP would
 //!   block, the frame stays put and the socket is not read again until the TAP drains.
-//! - TAP → client: each TAP `read()` lands straight in the output buffer behind room for the
-//!   frame header; every ready frame leaves in one `write()` at the end of the pass. Over the
-//!   high-water mark the TAP is not read, so the kernel's queue drops, as a real NIC does.
+//! - TAP → WebSocket: each TAP `read()` lands straight in the output buffer behind room for
+//!   the frame header; every ready frame leaves in one `write()` at the end of the pass. Over
+//!   the high-water mark the TAP is not read, so the kernel's queue drops, as a real NIC does.
 //!
 //! Readiness is edge-triggered: the `*_ready` flags latch each fd's state until an operation
 //! returns `WouldBlock`. Each pass moves at most [`BUDGET`] frames per direction, so one busy
@@ -21,13 +23,17 @@ use mio::net::TcpStream;
 use super::bufpool::BufPool;
 use crate::sys::tap::Tap;
 use crate::ws::conn::close_payload;
-use crate::ws::frame::{encode_header, header_len, Opcode};
+use crate::ws::frame::{apply_mask, encode_header, header_len, Opcode, MAX_HEADER};
 use crate::ws::{close_code, Conn, Item, Parsed, Payload, Role};
 
 /// Frames moved per direction per pass before yielding to other clients.
 pub const BUDGET: usize = 64;
-/// Room always kept for one control frame (header + 125 bytes) in the output buffer.
-const CONTROL_ROOM: usize = 2 + 125;
+/// Room always kept for one control frame (masked header + 125 bytes) in the output buffer.
+const CONTROL_ROOM: usize = 6 + 125;
+/// Room needed in the output buffer to read one frame from the TAP.
+fn tap_read_room(max_frame: usize) -> usize {
+    MAX_HEADER + max_frame + 1 + CONTROL_ROOM
+}
 /// Smallest Ethernet frame: destination, source, EtherType.
 pub const MIN_FRAME: usize = 14;
 
@@ -36,8 +42,8 @@ pub const MIN_FRAME: usize = 14;
 pub struct Stats {
     pub to_tap_frames: u64,
     pub to_tap_bytes: u64,
-    pub to_client_frames: u64,
-    pub to_client_bytes: u64,
+    pub to_ws_frames: u64,
+    pub to_ws_bytes: u64,
     /// Text messages (never frames in this protocol) dropped.
     pub drop_text: u64,
     /// Binary messages shorter than an Ethernet header dropped.
@@ -93,7 +99,7 @@ enum Stalled {
     },
 }
 
-pub struct Client {
+pub struct Pipe {
     pub sock: TcpStream,
     pub tap: Tap,
     pub peer: SocketAddr,
@@ -108,6 +114,8 @@ pub struct Client {
     /// Why it is closing, while it lingers to flush.
     pub ending: Option<Ending>,
     ws: Conn,
+    /// Client role only: the source of a fresh mask key per frame (RFC 6455 §5.3).
+    masker: Option<Box<rand::rngs::StdRng>>,
     max_frame: usize,
     inb: Option<Box<[u8]>>,
     in_start: usize,
@@ -120,9 +128,11 @@ pub struct Client {
     ping_sent: bool,
 }
 
-impl Client {
-    pub fn new(sock: TcpStream, tap: Tap, peer: SocketAddr, max_frame: usize, now: Instant) -> Client {
-        Client {
+impl Pipe {
+    /// `role` is this end's: `Server` in the relay, `Client` in `wsnic connect`.
+    pub fn new(sock: TcpStream, tap: Tap, peer: SocketAddr, role: Role, max_frame: usize, now: Instant) -> Pipe {
+        use rand::SeedableRng;
+        Pipe {
             sock,
             tap,
             peer,
@@ -134,7 +144,8 @@ impl Client {
             tap_writable: true,
             closing: None,
             ending: None,
-            ws: Conn::new(Role::Server, max_frame),
+            ws: Conn::new(role, max_frame),
+            masker: (role == Role::Client).then(|| Box::new(rand::rngs::StdRng::from_os_rng())),
             max_frame,
             inb: None,
             in_start: 0,
@@ -150,7 +161,17 @@ impl Client {
 
     /// Size the pool's buffers must have for frames of up to `max_frame` bytes.
     pub fn buffer_size_for(max_frame: usize) -> usize {
-        (256 << 10).max(2 * (max_frame + 14 + CONTROL_ROOM))
+        (256 << 10).max(2 * tap_read_room(max_frame))
+    }
+
+    /// Give the TAP back (`wsnic connect` keeps it across reconnections).
+    pub fn into_tap(self) -> Tap {
+        self.tap
+    }
+
+    fn mask_key(&mut self) -> Option<[u8; 4]> {
+        use rand::Rng;
+        self.masker.as_mut().map(|r| r.random())
     }
 
     /// Queue raw bytes for the client (the handshake response), and bytes that arrived after
@@ -173,9 +194,14 @@ impl Client {
 
     /// Queue a control frame (at most 125 bytes of payload; room is always kept for one).
     fn queue_control(&mut self, opcode: Opcode, payload: &[u8], pool: &mut BufPool) {
+        let mask = self.mask_key();
         let outb = self.outb.get_or_insert_with(|| pool.get());
-        let n = encode_header(&mut outb[self.out_end..], true, opcode, payload.len(), None);
-        outb[self.out_end + n..self.out_end + n + payload.len()].copy_from_slice(payload);
+        let n = encode_header(&mut outb[self.out_end..], true, opcode, payload.len(), mask);
+        let body = &mut outb[self.out_end + n..self.out_end + n + payload.len()];
+        body.copy_from_slice(payload);
+        if let Some(m) = mask {
+            apply_mask(body, m);
+        }
         self.out_end += n + payload.len();
     }
 
@@ -280,14 +306,14 @@ impl Client {
                 Ok(()) => Progress::Idle,
             };
         }
-        let up = match self.client_to_tap(now, pool) {
+        let up = match self.ws_to_tap(now, pool) {
             Ok(again) => again,
             Err(end) => return Progress::End(end),
         };
         if self.tap_readable && self.outb.is_none() {
             self.outb = Some(pool.get());
         }
-        let down = self.tap_to_client();
+        let down = self.tap_to_ws();
         if let Err(e) = self.flush() {
             return Progress::End(Ending::new(format!("socket error: {e}"), None));
         }
@@ -300,7 +326,7 @@ impl Client {
     }
 
     /// Returns Ok(true) when the budget ran out with input left.
-    fn client_to_tap(&mut self, now: Instant, pool: &mut BufPool) -> Result<bool, Ending> {
+    fn ws_to_tap(&mut self, now: Instant, pool: &mut BufPool) -> Result<bool, Ending> {
         for _ in 0..BUDGET {
             if self.stalled != Stalled::None && !self.retry_stalled() {
                 return Ok(false);
@@ -421,12 +447,17 @@ impl Client {
     }
 
     /// Returns true when the budget ran out with the TAP still readable and room left.
-    fn tap_to_client(&mut self) -> bool {
-        let need = self.max_frame + 11 + CONTROL_ROOM;
+    fn tap_to_ws(&mut self) -> bool {
+        let need = tap_read_room(self.max_frame);
+        let masked = self.masker.is_some();
+        // Read behind room for the header of a frame of 126..65535 bytes (4 bytes, 8 when
+        // masked); move the rare small or huge frame to fit its shorter or longer header.
+        let guess = header_len(1500, masked);
         for _ in 0..BUDGET {
             if !self.tap_readable {
                 return false;
             }
+            let mask = self.mask_key();
             let Some(outb) = self.outb.as_mut() else {
                 return false;
             };
@@ -441,20 +472,21 @@ impl Client {
                     return false;
                 }
             }
-            // Read behind room for a 4-byte header (frames of 126..65535 bytes); move the
-            // rare small or huge frame to fit its 2- or 10-byte header.
             let base = self.out_end;
-            match self.tap.read(&mut outb[base + 4..base + 4 + self.max_frame + 1]) {
+            match self.tap.read(&mut outb[base + guess..base + guess + self.max_frame + 1]) {
                 Ok(n) if n > self.max_frame => self.stats.drop_oversize += 1,
                 Ok(n) => {
-                    let h = header_len(n, false);
-                    if h != 4 {
-                        outb.copy_within(base + 4..base + 4 + n, base + h);
+                    let h = header_len(n, masked);
+                    if h != guess {
+                        outb.copy_within(base + guess..base + guess + n, base + h);
                     }
-                    encode_header(&mut outb[base..], true, Opcode::Binary, n, None);
+                    encode_header(&mut outb[base..], true, Opcode::Binary, n, mask);
+                    if let Some(m) = mask {
+                        apply_mask(&mut outb[base + h..base + h + n], m);
+                    }
                     self.out_end = base + h + n;
-                    self.stats.to_client_frames += 1;
-                    self.stats.to_client_bytes += n as u64;
+                    self.stats.to_ws_frames += 1;
+                    self.stats.to_ws_bytes += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.tap_readable = false;
