@@ -22,13 +22,15 @@ static SEQ: AtomicUsize = AtomicUsize::new(0);
 /// A network namespace owned by one test.
 pub struct Netns {
     pub name: String,
+    /// Background processes started with [`Netns::spawn`]; killed and reaped on drop.
+    children: std::cell::RefCell<Vec<Child>>,
 }
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
         let name = format!("wsnt-{}-{}-{tag}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
         run_ok(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns { name };
+        let ns = Netns { name, children: Default::default() };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -47,11 +49,21 @@ impl Netns {
         c
     }
 
-    /// Start `prog args` inside, in the background, its output appended to `log`. The
-    /// namespace's drop kills it.
-    pub fn spawn(&self, prog: &str, args: &[&str], log: &std::path::Path) -> Child {
+    /// Start `prog args` inside, in the background, its output appended to `log`; returns its
+    /// pid. The namespace's drop kills and reaps it.
+    pub fn spawn(&self, prog: &str, args: &[&str], log: &std::path::Path) -> u32 {
         let f = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        self.cmd(prog).args(args).stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f).spawn().expect("spawn")
+        let child = self
+            .cmd(prog)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("spawn");
+        let pid = child.id();
+        self.children.borrow_mut().push(child);
+        pid
     }
 
     /// Run `prog args` inside; return its output whatever its status.
@@ -142,6 +154,10 @@ impl Drop for Netns {
             .unwrap_or_default();
         for pid in pids.split_whitespace() {
             let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+        for mut c in self.children.borrow_mut().drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
