@@ -81,6 +81,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // The relay first (SIGTERM, clean exit), before its namespace goes.
+        drop(self.wsnic.take());
         let _ = std::fs::remove_dir_all(&self.logs);
     }
 }
