@@ -22,6 +22,8 @@ struct Lab {
     relay: Netns,
     upl: Netns,
     guests: Vec<Netns>,
+    /// pid of each guest's `wsnic connect`.
+    connect_pids: Vec<u32>,
     wsnic: Option<Wsnic>,
     logs: PathBuf,
 }
@@ -36,7 +38,7 @@ impl Lab {
         upl.ip(&["addr", "add", "198.51.100.1/24", "dev", "peer0"]);
         let logs = std::env::temp_dir().join(format!("wsnic-connect-{}", relay.name));
         std::fs::create_dir_all(&logs).unwrap();
-        let mut lab = Lab { relay, upl, guests: Vec::new(), wsnic: None, logs };
+        let mut lab = Lab { relay, upl, guests: Vec::new(), connect_pids: Vec::new(), wsnic: None, logs };
         lab.start_relay();
         for i in 0..guests {
             lab.add_guest(i);
@@ -59,7 +61,7 @@ impl Lab {
         g.ip(&["addr", "add", &format!("{g_ip}/30"), "dev", "ctl0"]);
         let mac = format!("02:00:00:00:01:{:02x}", 10 + i);
         let url = format!("ws://{r_ip}:8070/");
-        g.spawn(
+        let pid = g.spawn(
             support::BIN,
             &["connect", &url, "--tap", "wstap0", "--mac", &mac],
             &self.logs.join(format!("g{i}.log")),
@@ -68,6 +70,7 @@ impl Lab {
         g.ip(&["addr", "add", &format!("192.168.2.{}/24", 10 + i), "dev", "wstap0"]);
         g.ip(&["route", "add", "default", "via", "192.168.2.1"]);
         self.guests.push(g);
+        self.connect_pids.push(pid);
     }
 
     fn guest_log(&self, i: usize) -> String {
@@ -165,6 +168,21 @@ fn relay_restart_keeps_the_guest() {
     // Same device (ifindex, MAC, address): nothing in the guest was touched.
     assert_eq!(lab.guests[0].ip(&["-o", "link", "show", "wstap0"]).split(':').next(), tap_before.split(':').next());
     assert!(lab.guests[0].ip(&["addr", "show", "wstap0"]).contains("192.168.2.10/24"));
+}
+
+#[test]
+fn sigterm_removes_the_tap() {
+    let mut lab = Lab::new(1);
+    assert!(lab.ping(0, "192.168.2.1"));
+    let pid = lab.connect_pids[0].to_string();
+    support::run_ok(std::process::Command::new("kill").args(["-TERM", &pid]));
+    assert!(eventually(5 * SEC, || !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))));
+    assert!(!lab.guests[0].link_exists("wstap0"), "TAP left behind");
+    assert!(lab.guest_log(0).contains("removing wstap0"));
+    // The relay saw a clean close (1001 going away), not a dropped TCP connection.
+    let w = lab.wsnic.as_mut().unwrap();
+    w.wait_log("client closed (1001)", 5 * SEC);
 }
 
 #[test]

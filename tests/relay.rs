@@ -406,3 +406,23 @@ fn without_net_admin_says_so_and_exits_1() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CAP_NET_ADMIN") && err.lines().count() == 1, "{err}");
 }
+
+/// Idle clients hold no pooled buffers: the server's memory per idle connection is small.
+#[test]
+fn idle_clients_hold_no_buffers() {
+    let ns = Netns::new("idlemem");
+    let w = Wsnic::start(&ns, &[]);
+    // Warm up: one client with traffic, so the pool and allocator are in steady state.
+    let mut g = Guest::connect(&ns, mac(70), ip(70));
+    g.arp(GW);
+    let before = w.rss_kib();
+    let n = 300;
+    let clients: Vec<_> = (0..n).map(|_| raw_ws(&ns)).collect();
+    assert!(eventually(20 * SEC, || ns.bridge_ports("wsnicbr0").len() == n + 1));
+    std::thread::sleep(Duration::from_millis(1500)); // every handshake flushed, buffers returned
+    let after = w.rss_kib();
+    let per_client = (after.saturating_sub(before)) * 1024 / n as u64;
+    println!("RSS {before} KiB → {after} KiB with {n} idle clients: {per_client} bytes each");
+    assert!(per_client < 4096, "{per_client} bytes per idle client");
+    drop(clients);
+}
