@@ -83,6 +83,14 @@ pub struct Config {
     pub dhcp_domain_name: Option<String>,
     pub dhcp_domain_name_server: Vec<Ipv4Addr>,
     pub dhcp_lease_time: u32,
+    pub disable_dhcp: bool,
+    /// Narrows the dynamic pool (inclusive).
+    pub dhcp_range: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// Reserved addresses: MAC → IP.
+    pub dhcp_host: Vec<([u8; 6], Ipv4Addr)>,
+    pub dhcp_mtu: Option<u16>,
+    pub dhcp_lease_file: Option<std::path::PathBuf>,
+    pub dhcp_lease_grace: Duration,
     /// Where each key was last set ("wsnic.conf:12", "--bridge-name"); for error messages.
     origins: HashMap<&'static str, String>,
 }
@@ -153,6 +161,32 @@ pub const KEYS: &[Key] = &[
         help: "DNS servers handed out by DHCP, comma-separated (empty: none)",
     },
     Key { name: "dhcp_lease_time", default: "86400", help: "DHCP lease time in seconds" },
+    Key {
+        name: "disable_dhcp",
+        default: "false",
+        help: "true: do not answer DHCP; requests pass to the bridge for an external server (e.g. dnsmasq)",
+    },
+    Key {
+        name: "dhcp_range",
+        default: "",
+        help: "first and last address of the DHCP pool, e.g. 192.168.2.100-192.168.2.200 (empty: the whole subnet)",
+    },
+    Key {
+        name: "dhcp_host",
+        default: "",
+        help: "reserved addresses, MAC,IP pairs separated by spaces or ';' (e.g. 02:00:00:00:00:10,192.168.2.10)",
+    },
+    Key { name: "dhcp_mtu", default: "", help: "interface MTU handed out by DHCP, 576..65535 (empty: none)" },
+    Key {
+        name: "dhcp_lease_file",
+        default: "",
+        help: "file that keeps DHCP leases across restarts, rewritten atomically on every change (empty: none)",
+    },
+    Key {
+        name: "dhcp_lease_grace",
+        default: "300s",
+        help: "how long a disconnected client's address is kept for a reconnect with the same MAC",
+    },
 ];
 
 /// A configuration error, located: `wsnic.conf:12: bridge_subnet: ...`.
@@ -194,6 +228,12 @@ impl Default for Config {
             dhcp_domain_name: None,
             dhcp_domain_name_server: Vec::new(),
             dhcp_lease_time: 0,
+            disable_dhcp: false,
+            dhcp_range: None,
+            dhcp_host: Vec::new(),
+            dhcp_mtu: None,
+            dhcp_lease_file: None,
+            dhcp_lease_grace: Duration::ZERO,
             origins: HashMap::new(),
         };
         for k in KEYS {
@@ -304,13 +344,52 @@ impl Config {
             }
             "dhcp_lease_time" => {
                 self.dhcp_lease_time = parse_num(v, "a number of seconds").and_then(|n: u32| {
-                    if n < 60 {
-                        Err("must be at least 60 seconds".into())
+                    if n < 10 {
+                        Err("must be at least 10 seconds".into())
                     } else {
                         Ok(n)
                     }
                 })?
             }
+            "disable_dhcp" => self.disable_dhcp = parse_bool(v)?,
+            "dhcp_range" => {
+                self.dhcp_range = opt(v)
+                    .map(|v| {
+                        let (a, b) = v.split_once(['-', ',']).ok_or(format!("{v:?}: expected FIRST-LAST"))?;
+                        let a: Ipv4Addr = parse_num(a.trim(), "an IPv4 address")?;
+                        let b: Ipv4Addr = parse_num(b.trim(), "an IPv4 address")?;
+                        if a > b {
+                            return Err(format!("{a} comes after {b}"));
+                        }
+                        Ok((a, b))
+                    })
+                    .transpose()?
+            }
+            "dhcp_host" => {
+                self.dhcp_host = v
+                    .split([' ', ';', '\t'])
+                    .filter(|s| !s.is_empty())
+                    .map(|pair| {
+                        let (m, ip) = pair.split_once(',').ok_or(format!("{pair:?}: expected MAC,IP"))?;
+                        Ok((crate::sys::parse_mac(m)?, parse_num(ip, "an IPv4 address")?))
+                    })
+                    .collect::<Result<_, String>>()?
+            }
+            "dhcp_mtu" => {
+                self.dhcp_mtu = opt(v)
+                    .map(|v| {
+                        parse_num::<u16>(v, "an MTU").and_then(|m| {
+                            if m < 576 {
+                                Err(format!("{m} is below 576"))
+                            } else {
+                                Ok(m)
+                            }
+                        })
+                    })
+                    .transpose()?
+            }
+            "dhcp_lease_file" => self.dhcp_lease_file = opt(v).map(std::path::PathBuf::from),
+            "dhcp_lease_grace" => self.dhcp_lease_grace = parse_duration(v)?,
             _ => return Err("unknown key".into()),
         }
         Ok(())
@@ -382,6 +461,21 @@ impl Config {
                 return err(
                     "dhcp_gateway",
                     format!("{gw} is not a host address of bridge_subnet {}", self.bridge_subnet),
+                );
+            }
+        }
+        let net = self.bridge_subnet;
+        let is_host = |ip: Ipv4Addr| net.contains(ip) && ip != net.network() && ip != net.broadcast();
+        if let Some((a, b)) = self.dhcp_range {
+            if !is_host(a) || !is_host(b) {
+                return err("dhcp_range", format!("{a}-{b} is not inside bridge_subnet {net}"));
+            }
+        }
+        for (mac, ip) in &self.dhcp_host {
+            if !is_host(*ip) || *ip == self.bridge_addr() || Some(*ip) == self.dhcp_gateway {
+                return err(
+                    "dhcp_host",
+                    format!("{ip} (for {}) is not a client address of {net}", crate::sys::format_mac(mac)),
                 );
             }
         }
@@ -461,6 +555,10 @@ mod tests {
             ("ping_interval=10x", "not a duration"),
             ("dhcp_domain_name_server=8.8.8.8, nope", "not an IPv4"),
             ("bridge_name=a-very-long-bridge-name", "interface name"),
+            ("dhcp_range=192.168.2.9-192.168.2.3", "comes after"),
+            ("dhcp_host=02:00:00:00:00:01", "expected MAC,IP"),
+            ("dhcp_host=01:00:00:00:00:01,192.168.2.5", "unicast"),
+            ("dhcp_mtu=100", "below 576"),
         ] {
             let e = Config::default().apply_file_text("f", line).unwrap_err();
             assert!(e.to_string().contains(frag), "{line}: {e}");
@@ -481,6 +579,20 @@ mod tests {
         let mut c = Config::default();
         c.set("tap_prefix", "wsnicbr").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn dhcp_keys() {
+        let mut c = Config::default();
+        c.apply_file_text("f", "dhcp_range=192.168.2.100 , 192.168.2.200\ndhcp_host=02:00:00:00:00:10,192.168.2.10; 02:00:00:00:00:11,192.168.2.11\n").unwrap();
+        assert_eq!(c.dhcp_range, Some((Ipv4Addr::new(192, 168, 2, 100), Ipv4Addr::new(192, 168, 2, 200))));
+        assert_eq!(c.dhcp_host.len(), 2);
+        c.validate().unwrap();
+        c.set_from("dhcp_range", "10.0.0.1-10.0.0.9", "f:9".into()).unwrap();
+        assert_eq!(c.validate().unwrap_err().origin, "f:9");
+        let mut c = Config::default();
+        c.set_from("dhcp_host", "02:00:00:00:00:10,192.168.2.1", "f:2".into()).unwrap();
+        assert!(c.validate().unwrap_err().to_string().starts_with("f:2: dhcp_host:"));
     }
 
     #[test]

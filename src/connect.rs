@@ -20,7 +20,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::relay::bufpool::BufPool;
-use crate::relay::pipe::{Pipe, Progress};
+use crate::relay::pipe::{PassThrough, Pipe, Progress};
 use crate::sys::{format_mac, netlink::Netlink, stable_mac, tap::Tap};
 use crate::ws::handshake::{client_request, parse_response, Response};
 use crate::ws::{close_code, Role};
@@ -180,7 +180,7 @@ fn session(
     }
     log::info!("connected to {} ({peer}) on {}", target.authority, tap.name());
     let start = Instant::now();
-    let mut pipe = Pipe::new(sock, tap, peer, Role::Client, opts.max_frame, start);
+    let mut pipe = Pipe::new(0, sock, tap, peer, Role::Client, opts.max_frame, start);
     pipe.preload(&[], &early, pool);
 
     let mut events = Events::with_capacity(16);
@@ -213,7 +213,7 @@ fn session(
             let _ = pipe.flush();
             break End::Signal;
         }
-        match pipe.run(now, pool) {
+        match pipe.run(now, pool, &mut PassThrough) {
             Progress::Again => again = true,
             Progress::Idle => again = false,
             Progress::End(e) => {

@@ -2,8 +2,10 @@
 
 pub mod config;
 pub mod connect;
+pub mod dhcp;
 pub mod logging;
 pub mod netsetup;
 pub mod relay;
 pub mod sys;
+pub mod wire;
 pub mod ws;

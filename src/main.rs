@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Arg, ArgAction, Command};
 use wsnic::config::{Config, ConfigError, KEYS};
 use wsnic::netsetup::Network;
+use wsnic::relay::policy::{Dhcp, Policy};
 use wsnic::relay::{Relay, Settings};
 
 fn cli() -> Command {
@@ -134,7 +135,41 @@ fn connect(m: &clap::ArgMatches) -> ExitCode {
     }
 }
 
+/// The DHCP engine for `cfg`, with the lease file's leases (read before the network is touched,
+/// so a corrupt file stops us without changing anything).
+fn dhcp_server(cfg: &Config) -> Result<Option<wsnic::dhcp::server::Server>, String> {
+    use wsnic::dhcp::{server, store};
+    if cfg.disable_dhcp {
+        return Ok(None);
+    }
+    let mut s = server::Server::new(server::ServerConfig {
+        server_ip: cfg.bridge_addr(),
+        subnet: cfg.bridge_subnet,
+        router: cfg.dhcp_gateway.unwrap_or(cfg.bridge_addr()),
+        dns: cfg.dhcp_domain_name_server.clone(),
+        domain_name: cfg.dhcp_domain_name.clone(),
+        mtu: cfg.dhcp_mtu,
+        lease_time: cfg.dhcp_lease_time,
+        range: cfg.dhcp_range,
+        reservations: cfg.dhcp_host.clone(),
+        grace: cfg.dhcp_lease_grace.as_secs() as u32,
+        quarantine: 600,
+        offer_timeout: 60,
+    })
+    .map_err(|e| format!("DHCP: {e}"))?;
+    if let Some(path) = &cfg.dhcp_lease_file {
+        let leases = store::load(path)?;
+        log::info!("loaded {} DHCP leases from {}", leases.len(), path.display());
+        s.load(leases, wsnic::relay::policy::unix_now());
+    }
+    Ok(Some(s))
+}
+
 fn serve(cfg: &Config) -> Result<(), String> {
+    // Signals are caught from here on, so an early SIGTERM still leads to a clean teardown.
+    let signals = signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .map_err(|e| format!("signals: {e}"))?;
+    let dhcp = dhcp_server(cfg)?;
     if let Err(e) = wsnic::sys::raise_nofile_limit() {
         log::warn!("cannot raise the open-files limit: {e}");
     }
@@ -147,17 +182,25 @@ fn serve(cfg: &Config) -> Result<(), String> {
         idle_timeout: cfg.idle_timeout,
         handshake_timeout: cfg.handshake_timeout,
     };
-    // Signals are caught from here on, so an early SIGTERM still leads to a clean teardown.
-    let mut relay = Relay::new(listener, settings).map_err(|e| format!("event loop: {e}"))?;
     let mut net = Network::up(cfg)?;
+    let policy =
+        Policy { dhcp: dhcp.map(|s| Dhcp::new(s, cfg.bridge_addr(), net.bridge_mac, cfg.dhcp_lease_file.clone())) };
+    let mut relay = match Relay::new(listener, settings, policy, signals) {
+        Ok(r) => r,
+        Err(e) => {
+            net.down();
+            return Err(format!("event loop: {e}"));
+        }
+    };
     log::info!(
-        "wsnic {} listening on ws://{addr}/ — bridge {} {}/{}, uplink {}, NAT {}",
+        "wsnic {} listening on ws://{addr}/ — bridge {} {}/{}, uplink {}, NAT {}, DHCP {}",
         env!("CARGO_PKG_VERSION"),
         cfg.bridge_name,
         cfg.bridge_addr(),
         cfg.bridge_subnet.prefix,
         net.uplink.as_deref().unwrap_or("none"),
         if cfg.nat && net.uplink.is_some() { "on" } else { "off" },
+        if cfg.disable_dhcp { "off (passed to the bridge)" } else { "on" },
     );
     let result = relay.run(net.bridge_index, net.netlink());
     drop(relay); // closes every TAP before the bridge goes

@@ -68,6 +68,7 @@ impl Record {
 /// The relay's network, up. Call [`Network::down`] to put everything back.
 pub struct Network {
     pub bridge_index: u32,
+    pub bridge_mac: [u8; 6],
     pub uplink: Option<String>,
     nl: Netlink,
     record: Record,
@@ -144,7 +145,7 @@ impl Network {
             table: cfg.nft_table(),
             ip_forward_before: Some(sysctl::read(IP_FORWARD).map_err(ctx(|| IP_FORWARD.into()))?),
         };
-        let mut net = Network { bridge_index: 0, uplink, nl, record: record.clone(), state_path };
+        let mut net = Network { bridge_index: 0, bridge_mac: [0; 6], uplink, nl, record: record.clone(), state_path };
         net.save()?;
         if let Err(e) = net.apply(cfg, existing, &mut record) {
             net.record = record;
@@ -153,6 +154,14 @@ impl Network {
         }
         net.record = record;
         net.save()?;
+        match net.nl.link_mac(net.bridge_index) {
+            Ok(Some(mac)) => net.bridge_mac = mac,
+            r => {
+                let why = r.err().map_or("no MAC".to_string(), |e| e.to_string());
+                net.down();
+                return Err(format!("reading the MAC of {}: {why}", cfg.bridge_name));
+            }
+        }
         if let Some(w) = firewall::forward_drop_warning(&net.record.table, &cfg.bridge_name) {
             log::warn!("{w}");
         }

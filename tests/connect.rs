@@ -1,94 +1,17 @@
 //! `wsnic connect` end to end: guest namespaces joined to a relay's LAN by `wsnic connect`,
 //! exercised with real tools — ping, iperf3, curl — and a relay restart.
 //!
-//! Topology (every namespace made here):
-//! ```text
-//!  guest1 ─ctl veth 203.0.113.0/30─┐                     ┌─ uplink veth 198.51.100.0/24 ─ upl (iperf3, http)
-//!  guest2 ─ctl veth 203.0.113.4/30─┴─ relay (wsnic, br) ─┘
-//! ```
-//! The guests' `wstap0` are on the relay's LAN 192.168.2.0/24 (static addresses: DHCP is a
-//! later piece).
+//! The topology is `support::lab`; the guests here use static addresses on the relay's LAN
+//! 192.168.2.0/24 (tests/dhcp.rs covers DHCP).
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use support::{eventually, Netns, Wsnic};
+use support::lab::Lab;
+use support::{eventually, Netns};
 
 const SEC: Duration = Duration::from_secs(1);
-
-struct Lab {
-    relay: Netns,
-    upl: Netns,
-    guests: Vec<Netns>,
-    /// pid of each guest's `wsnic connect`.
-    connect_pids: Vec<u32>,
-    wsnic: Option<Wsnic>,
-    logs: PathBuf,
-}
-
-impl Lab {
-    fn new(guests: usize) -> Lab {
-        let relay = Netns::new("relay");
-        let upl = Netns::new("upl");
-        relay.veth("uplink0", &upl, "peer0");
-        relay.ip(&["addr", "add", "198.51.100.2/24", "dev", "uplink0"]);
-        relay.ip(&["route", "add", "default", "via", "198.51.100.1"]);
-        upl.ip(&["addr", "add", "198.51.100.1/24", "dev", "peer0"]);
-        let logs = std::env::temp_dir().join(format!("wsnic-connect-{}", relay.name));
-        std::fs::create_dir_all(&logs).unwrap();
-        let mut lab = Lab { relay, upl, guests: Vec::new(), connect_pids: Vec::new(), wsnic: None, logs };
-        lab.start_relay();
-        for i in 0..guests {
-            lab.add_guest(i);
-        }
-        lab
-    }
-
-    fn start_relay(&mut self) {
-        let log = self.logs.join("relay.log");
-        self.wsnic = Some(Wsnic::start_logging(&self.relay, &["--ws-server-addr", "0.0.0.0"], log));
-    }
-
-    /// Guest i: control link 203.0.113.4i/30, `wsnic connect` to the relay, 192.168.2.(10+i).
-    fn add_guest(&mut self, i: usize) {
-        let g = Netns::new(&format!("g{i}"));
-        let (r_ip, g_ip) = (format!("203.0.113.{}", 4 * i + 1), format!("203.0.113.{}", 4 * i + 2));
-        let ctl = format!("ctl{i}");
-        self.relay.veth(&ctl, &g, "ctl0");
-        self.relay.ip(&["addr", "add", &format!("{r_ip}/30"), "dev", &ctl]);
-        g.ip(&["addr", "add", &format!("{g_ip}/30"), "dev", "ctl0"]);
-        let mac = format!("02:00:00:00:01:{:02x}", 10 + i);
-        let url = format!("ws://{r_ip}:8070/");
-        let pid = g.spawn(
-            support::BIN,
-            &["connect", &url, "--tap", "wstap0", "--mac", &mac],
-            &self.logs.join(format!("g{i}.log")),
-        );
-        assert!(eventually(10 * SEC, || g.link_exists("wstap0")), "no TAP in guest {i}: {}", self.guest_log(i));
-        g.ip(&["addr", "add", &format!("192.168.2.{}/24", 10 + i), "dev", "wstap0"]);
-        g.ip(&["route", "add", "default", "via", "192.168.2.1"]);
-        self.guests.push(g);
-        self.connect_pids.push(pid);
-    }
-
-    fn guest_log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.logs.join(format!("g{i}.log"))).unwrap_or_default()
-    }
-
-    fn ping(&self, from: usize, to: &str) -> bool {
-        self.guests[from].exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", to]).status.success()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        // The relay first (SIGTERM, clean exit), before its namespace goes.
-        drop(self.wsnic.take());
-        let _ = std::fs::remove_dir_all(&self.logs);
-    }
-}
 
 /// `iperf3 -c SERVER [-R]` from `ns`; returns the received rate in Mbit/s.
 fn iperf(ns: &Netns, server: &str, reverse: bool) -> f64 {
@@ -108,7 +31,9 @@ fn iperf(ns: &Netns, server: &str, reverse: bool) -> f64 {
 
 #[test]
 fn guests_ping_the_gateway_and_each_other() {
-    let lab = Lab::new(2);
+    let mut lab = Lab::new(&[]);
+    lab.add_static_guest(10);
+    lab.add_static_guest(11);
     assert!(lab.ping(0, "192.168.2.1"), "guest → gateway: {}", lab.guest_log(0));
     assert!(lab.ping(0, "192.168.2.11"), "guest → guest");
     assert!(lab.ping(1, "192.168.2.10"), "guest → guest");
@@ -117,7 +42,8 @@ fn guests_ping_the_gateway_and_each_other() {
 
 #[test]
 fn iperf3_to_the_gateway_and_through_nat() {
-    let lab = Lab::new(1);
+    let mut lab = Lab::new(&[]);
+    lab.add_static_guest(10);
     let g = &lab.guests[0];
     lab.relay.spawn("iperf3", &["-s", "-B", "192.168.2.1"], &lab.logs.join("iperf-gw.log"));
     lab.upl.spawn("iperf3", &["-s", "-B", "198.51.100.1"], &lab.logs.join("iperf-up.log"));
@@ -132,7 +58,8 @@ fn iperf3_to_the_gateway_and_through_nat() {
 
 #[test]
 fn curl_a_page_on_the_uplink() {
-    let lab = Lab::new(1);
+    let mut lab = Lab::new(&[]);
+    lab.add_static_guest(10);
     let site = lab.logs.join("site");
     std::fs::create_dir_all(&site).unwrap();
     std::fs::write(site.join("index.html"), "hello from the uplink\n").unwrap();
@@ -155,7 +82,8 @@ fn curl_a_page_on_the_uplink() {
 
 #[test]
 fn relay_restart_keeps_the_guest() {
-    let mut lab = Lab::new(1);
+    let mut lab = Lab::new(&[]);
+    lab.add_static_guest(10);
     assert!(lab.ping(0, "192.168.2.1"));
     let tap_before = lab.guests[0].ip(&["-o", "link", "show", "wstap0"]);
     assert_eq!(lab.wsnic.take().unwrap().stop(), 0);
@@ -172,7 +100,8 @@ fn relay_restart_keeps_the_guest() {
 
 #[test]
 fn sigterm_removes_the_tap() {
-    let mut lab = Lab::new(1);
+    let mut lab = Lab::new(&[]);
+    lab.add_static_guest(10);
     assert!(lab.ping(0, "192.168.2.1"));
     let pid = lab.connect_pids[0].to_string();
     support::run_ok(std::process::Command::new("kill").args(["-TERM", &pid]));

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use super::bufpool::BufPool;
 use super::pipe::{Ending, Pipe, Progress};
+use super::policy::Policy;
 use crate::sys::netlink::Netlink;
 use crate::sys::tap::Tap;
 use crate::ws::handshake::{self, Outcome, Refusal};
@@ -73,6 +73,9 @@ pub struct Relay {
     pool: BufPool,
     clients: usize,
     bridge_index: u32,
+    /// Connection ids, never reused (DHCP leases are tied to them).
+    next_id: u64,
+    policy: Policy,
 }
 
 fn sock_token(i: usize) -> Token {
@@ -83,12 +86,18 @@ fn tap_token(i: usize) -> Token {
 }
 
 impl Relay {
-    pub fn new(listener: std::net::TcpListener, settings: Settings) -> io::Result<Relay> {
+    /// `signals` (SIGINT, SIGTERM) is created by the caller before it changes the network, so a
+    /// signal that arrives during setup still leads to an orderly teardown.
+    pub fn new(
+        listener: std::net::TcpListener,
+        settings: Settings,
+        policy: Policy,
+        mut signals: Signals,
+    ) -> io::Result<Relay> {
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        let mut signals = Signals::new([SIGINT, SIGTERM])?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let pool = BufPool::new(Pipe::buffer_size_for(settings.max_frame), POOL_KEEP);
         Ok(Relay {
@@ -104,6 +113,8 @@ impl Relay {
             pool,
             clients: 0,
             bridge_index: 0,
+            next_id: 1,
+            policy,
         })
     }
 
@@ -166,6 +177,7 @@ impl Relay {
                 }
             }
             self.run_queue(now);
+            self.policy.after_pass();
             self.free.append(&mut self.freed);
             if now >= next_tick {
                 self.tick(now);
@@ -187,7 +199,7 @@ impl Relay {
         for &i in &batch {
             self.queued[i] = false;
             let Slot::Client(c) = &mut self.slots[i] else { continue };
-            match c.run(now, &mut self.pool) {
+            match c.run(now, &mut self.pool, &mut self.policy) {
                 Progress::Idle if c.closing.is_some() && c.pending_output() == 0 => {
                     let reason = c.ending.take().map_or_else(|| "closed".to_string(), |e| e.reason);
                     self.finish(i, &reason);
@@ -288,11 +300,13 @@ impl Relay {
                     return self.refuse(i, p, Refusal::new(503, "wsnic: internal error\n"));
                 }
                 log::info!("{} connected on {} (path {})", p.peer, tap.name(), u.target);
-                let mut c = Box::new(Pipe::new(p.sock, tap, p.peer, Role::Server, self.settings.max_frame, now));
+                let mut c =
+                    Box::new(Pipe::new(self.next_id, p.sock, tap, p.peer, Role::Server, self.settings.max_frame, now));
                 c.preload(&u.response(), &p.head[u.head_len..], &mut self.pool);
                 p.head = Vec::new();
                 self.slots[i] = Slot::Client(c);
                 self.clients += 1;
+                self.next_id += 1;
                 self.schedule(i);
             }
         }
@@ -326,7 +340,7 @@ impl Relay {
         let Slot::Client(mut c) = std::mem::replace(&mut self.slots[i], Slot::Free) else { return };
         let s = c.stats;
         log::info!(
-            "{} on {} disconnected after {:.1}s: {reason}; client→tap {} frames {} bytes, tap→client {} frames {} bytes, dropped {} (text {}, runt {}, tap error {}, oversize {})",
+            "{} on {} disconnected after {:.1}s: {reason}; client→tap {} frames {} bytes, tap→client {} frames {} bytes, answered {}, dropped {} (text {}, runt {}, tap error {}, oversize {})",
             c.peer,
             c.tap.name(),
             c.connected_at.elapsed().as_secs_f64(),
@@ -334,6 +348,7 @@ impl Relay {
             s.to_tap_bytes,
             s.to_ws_frames,
             s.to_ws_bytes,
+            s.answered,
             s.drops(),
             s.drop_text,
             s.drop_runt,
@@ -342,12 +357,14 @@ impl Relay {
         );
         let _ = c.sock.shutdown(Shutdown::Both);
         c.release_idle(&mut self.pool);
+        self.policy.closed(c.id);
         self.clients -= 1;
         self.freed.push(i);
     }
 
     /// Once a second: handshake timeouts, keepalive pings, idle timeouts, lingering closes.
     fn tick(&mut self, now: Instant) {
+        self.policy.tick();
         let s = self.settings.clone();
         for i in 0..self.slots.len() {
             match &mut self.slots[i] {

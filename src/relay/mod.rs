@@ -4,5 +4,6 @@
 pub mod bufpool;
 pub mod event_loop;
 pub mod pipe;
+pub mod policy;
 
 pub use event_loop::{Relay, Settings};

@@ -28,8 +28,38 @@ use crate::ws::{close_code, Conn, Item, Parsed, Payload, Role};
 
 /// Frames moved per direction per pass before yielding to other clients.
 pub const BUDGET: usize = 64;
-/// Room always kept for one control frame (masked header + 125 bytes) in the output buffer.
-const CONTROL_ROOM: usize = 6 + 125;
+/// Room always kept in the output buffer for one control frame (masked header + 125 bytes)
+/// or one reply from the [`Inspector`] (a DHCP answer, under 1 KiB).
+const CONTROL_ROOM: usize = 2048;
+/// Largest reply an [`Inspector`] may send.
+pub const MAX_REPLY: usize = CONTROL_ROOM - MAX_HEADER;
+
+/// What happens to a frame that came from the WebSocket.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict<'a> {
+    /// On to the TAP.
+    Forward,
+    /// Answered in-line: this Ethernet frame (at most [`MAX_REPLY`] bytes) goes back on the same
+    /// WebSocket, and the original goes nowhere.
+    Reply(&'a [u8]),
+    /// Consumed without an answer (counted as filtered).
+    Consume,
+}
+
+/// Looks at every frame from a WebSocket before it reaches the TAP (the relay answers DHCP
+/// here). `wsnic connect` uses [`PassThrough`].
+pub trait Inspector {
+    fn inspect(&mut self, conn: u64, frame: &[u8]) -> Verdict<'_>;
+}
+
+/// Forwards everything.
+pub struct PassThrough;
+
+impl Inspector for PassThrough {
+    fn inspect(&mut self, _conn: u64, _frame: &[u8]) -> Verdict<'_> {
+        Verdict::Forward
+    }
+}
 /// Room needed in the output buffer to read one frame from the TAP.
 fn tap_read_room(max_frame: usize) -> usize {
     MAX_HEADER + max_frame + 1 + CONTROL_ROOM
@@ -52,6 +82,8 @@ pub struct Stats {
     pub drop_tap_error: u64,
     /// Frames from the TAP larger than `max_frame_size` dropped.
     pub drop_oversize: u64,
+    /// Frames answered or consumed by the inspector (DHCP) instead of going to the TAP.
+    pub answered: u64,
 }
 
 impl Stats {
@@ -100,6 +132,8 @@ enum Stalled {
 }
 
 pub struct Pipe {
+    /// Unique for the life of the process (the DHCP server ties leases to it).
+    pub id: u64,
     pub sock: TcpStream,
     pub tap: Tap,
     pub peer: SocketAddr,
@@ -130,9 +164,19 @@ pub struct Pipe {
 
 impl Pipe {
     /// `role` is this end's: `Server` in the relay, `Client` in `wsnic connect`.
-    pub fn new(sock: TcpStream, tap: Tap, peer: SocketAddr, role: Role, max_frame: usize, now: Instant) -> Pipe {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        sock: TcpStream,
+        tap: Tap,
+        peer: SocketAddr,
+        role: Role,
+        max_frame: usize,
+        now: Instant,
+    ) -> Pipe {
         use rand::SeedableRng;
         Pipe {
+            id,
             sock,
             tap,
             peer,
@@ -192,7 +236,7 @@ impl Pipe {
         self.out_end += bytes.len();
     }
 
-    /// Queue a control frame (at most 125 bytes of payload; room is always kept for one).
+    /// Queue a control frame, or an inspector's reply (room is always kept for one).
     fn queue_control(&mut self, opcode: Opcode, payload: &[u8], pool: &mut BufPool) {
         let mask = self.mask_key();
         let outb = self.outb.get_or_insert_with(|| pool.get());
@@ -299,14 +343,14 @@ impl Pipe {
     }
 
     /// One pass over both directions.
-    pub fn run(&mut self, now: Instant, pool: &mut BufPool) -> Progress {
+    pub fn run(&mut self, now: Instant, pool: &mut BufPool, inspector: &mut dyn Inspector) -> Progress {
         if self.closing.is_some() {
             return match self.flush() {
                 Err(e) => Progress::End(Ending::new(format!("socket error: {e}"), None)),
                 Ok(()) => Progress::Idle,
             };
         }
-        let up = match self.ws_to_tap(now, pool) {
+        let up = match self.ws_to_tap(now, pool, inspector) {
             Ok(again) => again,
             Err(end) => return Progress::End(end),
         };
@@ -326,7 +370,7 @@ impl Pipe {
     }
 
     /// Returns Ok(true) when the budget ran out with input left.
-    fn ws_to_tap(&mut self, now: Instant, pool: &mut BufPool) -> Result<bool, Ending> {
+    fn ws_to_tap(&mut self, now: Instant, pool: &mut BufPool, inspector: &mut dyn Inspector) -> Result<bool, Ending> {
         for _ in 0..BUDGET {
             if self.stalled != Stalled::None && !self.retry_stalled() {
                 return Ok(false);
@@ -364,7 +408,7 @@ impl Pipe {
                     }
                 }
                 Ok(Parsed::Consumed(n)) => self.in_start += n,
-                Ok(Parsed::Item { consumed, item }) => self.on_item(consumed, item, now, pool)?,
+                Ok(Parsed::Item { consumed, item }) => self.on_item(consumed, item, now, pool, inspector)?,
                 Err(v) => {
                     self.queue_close(v.code, v.reason, now, pool);
                     return Err(Ending::new(format!("protocol error: {}", v.reason), Some(v.code)));
@@ -374,16 +418,56 @@ impl Pipe {
         Ok(true)
     }
 
-    fn on_item(&mut self, consumed: usize, item: Item, now: Instant, pool: &mut BufPool) -> Result<(), Ending> {
+    fn on_item(
+        &mut self,
+        consumed: usize,
+        item: Item,
+        now: Instant,
+        pool: &mut BufPool,
+        inspector: &mut dyn Inspector,
+    ) -> Result<(), Ending> {
         let base = self.in_start;
         match item {
-            Item::Binary(Payload::InBuf(r)) => {
-                self.stalled = Stalled::InBuf { start: base + r.start, end: base + r.end, consumed };
-                self.retry_stalled();
-                return Ok(());
-            }
-            Item::Binary(Payload::Assembled) => {
-                self.stalled = Stalled::Assembled { consumed };
+            Item::Binary(p) => {
+                let (frame, stalled) = match p {
+                    Payload::InBuf(r) => {
+                        let (start, end) = (base + r.start, base + r.end);
+                        (
+                            &self.inb.as_ref().expect("parsed from it")[start..end],
+                            Stalled::InBuf { start, end, consumed },
+                        )
+                    }
+                    Payload::Assembled => (self.ws.assembled(), Stalled::Assembled { consumed }),
+                };
+                if frame.len() >= MIN_FRAME {
+                    match inspector.inspect(self.id, frame) {
+                        Verdict::Forward => {}
+                        Verdict::Reply(reply) if reply.len() <= MAX_REPLY => {
+                            self.queue_control(Opcode::Binary, reply, pool);
+                            self.stats.answered += 1;
+                            self.stats.to_ws_frames += 1;
+                            self.stats.to_ws_bytes += reply.len() as u64;
+                            self.in_start += consumed;
+                            return Ok(());
+                        }
+                        Verdict::Reply(reply) => {
+                            log::error!(
+                                "{}: inspector reply of {} bytes is too large; dropped",
+                                self.peer,
+                                reply.len()
+                            );
+                            self.stats.answered += 1;
+                            self.in_start += consumed;
+                            return Ok(());
+                        }
+                        Verdict::Consume => {
+                            self.stats.answered += 1;
+                            self.in_start += consumed;
+                            return Ok(());
+                        }
+                    }
+                }
+                self.stalled = stalled;
                 self.retry_stalled();
                 return Ok(());
             }

@@ -39,6 +39,17 @@ impl Netlink {
         Ok(Netlink { socket, seq: 0, buf: Vec::with_capacity(RECV_BUF) })
     }
 
+    /// The MAC address of link `index`, if it has a 6-byte one.
+    pub fn link_mac(&mut self, index: u32) -> io::Result<Option<[u8; 6]>> {
+        let Some(link) = self.get_link(link_msg(index))? else {
+            return Ok(None);
+        };
+        Ok(link.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::Address(mac) => mac.try_into().ok(),
+            _ => None,
+        }))
+    }
+
     /// Index of the link called `name`, or `None` if there is no such link.
     pub fn link_index(&mut self, name: &str) -> io::Result<Option<u32>> {
         check_ifname(name)?;

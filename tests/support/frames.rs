@@ -105,3 +105,83 @@ pub fn answer(f: &[u8], mac: [u8; 6], ip: Ipv4Addr) -> Option<Vec<u8>> {
     }
     None
 }
+
+/// A DHCP client message (BOOTREQUEST) from `mac`, broadcast from 0.0.0.0:68 to
+/// 255.255.255.255:67: message type `kind` (1 DISCOVER, 3 REQUEST, 7 RELEASE, …), with the
+/// requested address (50) and server identifier (54) when given.
+pub fn dhcp_client(
+    kind: u8,
+    mac: [u8; 6],
+    xid: u32,
+    requested: Option<Ipv4Addr>,
+    server: Option<Ipv4Addr>,
+    ciaddr: Ipv4Addr,
+) -> Vec<u8> {
+    let mut m = vec![1u8, 1, 6, 0];
+    m.extend(xid.to_be_bytes());
+    m.extend([0, 0, 0x80, 0]); // secs, flags: broadcast
+    m.extend(ciaddr.octets());
+    m.extend([0u8; 12]); // yiaddr, siaddr, giaddr
+    m.extend(mac);
+    m.extend([0u8; 10 + 64 + 128]);
+    m.extend([99, 130, 83, 99, 53, 1, kind]);
+    if let Some(r) = requested {
+        m.extend([50, 4]);
+        m.extend(r.octets());
+    }
+    if let Some(s) = server {
+        m.extend([54, 4]);
+        m.extend(s.octets());
+    }
+    m.extend([55, 3, 1, 3, 6, 255]);
+    while m.len() < 300 {
+        m.push(0);
+    }
+    let (src, dst) = (if ciaddr.is_unspecified() { Ipv4Addr::UNSPECIFIED } else { ciaddr }, Ipv4Addr::BROADCAST);
+    let mut udp = vec![0, 68, 0, 67];
+    udp.extend(((8 + m.len()) as u16).to_be_bytes());
+    udp.extend([0, 0]);
+    udp.extend(&m);
+    let mut pseudo = Vec::new();
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend([0, 17]);
+    pseudo.extend((udp.len() as u16).to_be_bytes());
+    pseudo.extend(&udp);
+    let c = checksum(&pseudo);
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    eth(BROADCAST, mac, 0x0800, &ipv4(src, dst, 17, &udp))
+}
+
+/// If `f` is a DHCP server message for `xid`: (message type, yiaddr, server id).
+pub fn dhcp_reply(f: &[u8], xid: u32) -> Option<(u8, Ipv4Addr, Option<Ipv4Addr>)> {
+    if f.len() < 14 + 20 + 8 + 240 || f[12..14] != [8, 0] || f[23] != 17 {
+        return None;
+    }
+    let udp = 14 + usize::from(f[14] & 0x0f) * 4;
+    if f[udp..udp + 4] != [0, 67, 0, 68] {
+        return None;
+    }
+    let m = &f[udp + 8..];
+    if m[0] != 2 || m[4..8] != xid.to_be_bytes() || m[236..240] != [99, 130, 83, 99] {
+        return None;
+    }
+    let yiaddr = Ipv4Addr::new(m[16], m[17], m[18], m[19]);
+    let (mut kind, mut server) = (0, None);
+    let mut i = 240;
+    while i + 1 < m.len() && m[i] != 255 {
+        if m[i] == 0 {
+            i += 1;
+            continue;
+        }
+        let (code, len) = (m[i], usize::from(m[i + 1]));
+        let v = m.get(i + 2..i + 2 + len)?;
+        match code {
+            53 => kind = v[0],
+            54 if len == 4 => server = Some(Ipv4Addr::new(v[0], v[1], v[2], v[3])),
+            _ => {}
+        }
+        i += 2 + len;
+    }
+    Some((kind, yiaddr, server))
+}

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod frames;
+pub mod lab;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
@@ -144,6 +145,13 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// A handle to an existing namespace that does not delete it on drop (for other threads).
+    pub fn attach(name: &str) -> std::mem::ManuallyDrop<Netns> {
+        std::mem::ManuallyDrop::new(Netns { name: name.to_string(), children: Default::default() })
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Kill what still runs inside, then remove the namespace (its links go with it).
@@ -173,6 +181,8 @@ pub fn run_ok(c: &mut Command) -> Output {
 pub struct Wsnic {
     pub child: Child,
     pub log: PathBuf,
+    /// Where this process's part of the log begins (a restart appends to the same file).
+    log_start: usize,
 }
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_wsnic");
@@ -187,6 +197,7 @@ impl Wsnic {
 
     pub fn start_logging(ns: &Netns, args: &[&str], log: PathBuf) -> Wsnic {
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let log_start = f.metadata().unwrap().len() as usize;
         let child = ns
             .cmd(BIN)
             .args(["-v"])
@@ -196,13 +207,15 @@ impl Wsnic {
             .stderr(f)
             .spawn()
             .expect("spawn wsnic");
-        let mut w = Wsnic { child, log };
+        let mut w = Wsnic { child, log, log_start };
         w.wait_log("listening on", Duration::from_secs(10));
         w
     }
 
+    /// This process's log lines.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let all = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(all.get(self.log_start..).unwrap_or_default()).into_owned()
     }
 
     /// Wait until the log contains `needle`; panic with the log if it does not in time.
@@ -297,6 +310,15 @@ impl Guest {
         let (ws, resp) = tungstenite::client("ws://127.0.0.1:8070/", stream).expect("handshake");
         assert_eq!(resp.status(), 101);
         Guest { ws, mac, ip }
+    }
+
+    /// Like [`Guest::connect`], but None when the server is not there (any more).
+    pub fn try_connect(ns: &Netns, mac: [u8; 6]) -> Option<Guest> {
+        let addr = "127.0.0.1:8070".to_string();
+        let stream = ns.enter(move || TcpStream::connect(&addr).ok())?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (ws, _) = tungstenite::client("ws://127.0.0.1:8070/", stream).ok()?;
+        Some(Guest { ws, mac, ip: Ipv4Addr::UNSPECIFIED })
     }
 
     pub fn send(&mut self, frame: Vec<u8>) {
@@ -398,4 +420,23 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     v.extend(key);
     v.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
     v
+}
+
+impl Guest {
+    /// DISCOVER → OFFER → REQUEST → ACK; returns the bound address, or None if no OFFER came.
+    pub fn dhcp(&mut self, xid: u32) -> Option<Ipv4Addr> {
+        let u = Ipv4Addr::UNSPECIFIED;
+        self.send(frames::dhcp_client(1, self.mac, xid, None, None, u));
+        let offer =
+            self.recv_until(Duration::from_secs(2), |f| frames::dhcp_reply(f, xid).is_some_and(|r| r.0 == 2))?;
+        let (_, ip, server) = frames::dhcp_reply(&offer, xid).unwrap();
+        self.send(frames::dhcp_client(3, self.mac, xid, Some(ip), server, u));
+        let ack = self
+            .recv_until(Duration::from_secs(5), |f| frames::dhcp_reply(f, xid).is_some_and(|r| r.0 == 5 || r.0 == 6))
+            .expect("no ACK/NAK after REQUEST");
+        let (kind, ip, _) = frames::dhcp_reply(&ack, xid).unwrap();
+        assert_eq!(kind, 5, "NAK for an offered address");
+        self.ip = ip;
+        Some(ip)
+    }
 }

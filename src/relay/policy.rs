@@ -1,0 +1,178 @@
+//! The relay's look at each frame a client sends, before it reaches the TAP: a DHCP request
+//! to us is answered in-line on the same WebSocket (so no other client ever sees it), and
+//! everything else goes on. Glue between the pipe and the pure DHCP engine; it also keeps
+//! the lease file in step with the engine.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::pipe::{Inspector, Verdict};
+use crate::dhcp::{server::Server, store, wire};
+use crate::wire::{ethernet, ipv4, udp, Mac};
+
+const DHCP_SERVER_PORT: u16 = 67;
+const DHCP_CLIENT_PORT: u16 = 68;
+
+/// A DHCP message to a server, found in a client's frame.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DhcpRequest<'a> {
+    pub src_mac: Mac,
+    /// Sent to 255.255.255.255 (rather than unicast to the server).
+    pub broadcast: bool,
+    pub payload: &'a [u8],
+}
+
+/// Is `frame` a DHCP message for the server at `server_ip` (broadcast, or unicast to it)?
+pub fn dhcp_request(frame: &[u8], server_ip: Ipv4Addr) -> Option<DhcpRequest<'_>> {
+    let eth = ethernet::Frame::parse(frame)?;
+    if eth.ethertype() != ethernet::ETHERTYPE_IPV4 {
+        return None;
+    }
+    let ip = ipv4::Packet::parse(eth.payload())?;
+    if ip.protocol() != ipv4::PROTO_UDP || ip.is_fragment() {
+        return None;
+    }
+    let broadcast = ip.dst() == Ipv4Addr::BROADCAST;
+    if !broadcast && ip.dst() != server_ip {
+        return None;
+    }
+    let u = udp::Datagram::parse(ip.payload())?;
+    if u.dst_port() != DHCP_SERVER_PORT || u.src_port() != DHCP_CLIENT_PORT {
+        return None;
+    }
+    if !ip.header_valid() || !u.checksum_valid(ip.src(), ip.dst()) {
+        return None;
+    }
+    Some(DhcpRequest { src_mac: eth.src(), broadcast, payload: u.payload() })
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The built-in DHCP service of one relay.
+pub struct Dhcp {
+    pub server: Server,
+    pub server_ip: Ipv4Addr,
+    pub server_mac: Mac,
+    pub lease_file: Option<PathBuf>,
+    frame: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+impl Dhcp {
+    pub fn new(server: Server, server_ip: Ipv4Addr, server_mac: Mac, lease_file: Option<PathBuf>) -> Dhcp {
+        Dhcp {
+            server,
+            server_ip,
+            server_mac,
+            lease_file,
+            frame: Vec::with_capacity(1024),
+            payload: Vec::with_capacity(600),
+        }
+    }
+
+    fn answer(&mut self, conn: u64, req: &DhcpRequest) -> Option<&[u8]> {
+        let msg = match wire::decode(req.payload) {
+            Ok(m) => m,
+            Err(e) => {
+                log::debug!("malformed DHCP message from {}: {e}", crate::sys::format_mac(&req.src_mac));
+                return None;
+            }
+        };
+        let reply = self.server.handle(conn, req.src_mac, req.broadcast, &msg, unix_now())?;
+        self.payload.clear();
+        wire::encode(&reply.msg, &mut self.payload);
+        self.frame.clear();
+        ethernet::write_header(&mut self.frame, reply.dst_mac, self.server_mac, ethernet::ETHERTYPE_IPV4);
+        udp::write_ipv4_udp(
+            &mut self.frame,
+            (self.server_ip, DHCP_SERVER_PORT),
+            (reply.dst_ip, DHCP_CLIENT_PORT),
+            &self.payload,
+        );
+        Some(&self.frame)
+    }
+
+    /// Write the lease file if the leases changed since the last call.
+    pub fn save_if_dirty(&mut self) {
+        if self.server.take_dirty() {
+            if let Some(path) = &self.lease_file {
+                if let Err(e) = store::save(path, self.server.leases()) {
+                    log::error!("writing the lease file {}: {e}", path.display());
+                }
+            }
+        }
+    }
+}
+
+/// Per-frame decisions for the relay.
+pub struct Policy {
+    pub dhcp: Option<Dhcp>,
+}
+
+impl Policy {
+    /// A client's connection ended.
+    pub fn closed(&mut self, conn: u64) {
+        if let Some(d) = &mut self.dhcp {
+            d.server.connection_closed(conn, unix_now());
+        }
+    }
+
+    /// Once a second.
+    pub fn tick(&mut self) {
+        if let Some(d) = &mut self.dhcp {
+            d.server.expire(unix_now());
+        }
+    }
+
+    /// After every event-loop pass: at most one lease-file write per pass.
+    pub fn after_pass(&mut self) {
+        if let Some(d) = &mut self.dhcp {
+            d.save_if_dirty();
+        }
+    }
+}
+
+impl Inspector for Policy {
+    fn inspect(&mut self, conn: u64, frame: &[u8]) -> Verdict<'_> {
+        let Some(d) = &mut self.dhcp else { return Verdict::Forward };
+        let Some(req) = dhcp_request(frame, d.server_ip) else { return Verdict::Forward };
+        match d.answer(conn, &req) {
+            Some(reply) => Verdict::Reply(reply),
+            None => Verdict::Consume,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        ethernet::write_header(&mut f, [0xff; 6], [2, 0, 0, 0, 0, 9], ethernet::ETHERTYPE_IPV4);
+        udp::write_ipv4_udp(&mut f, (Ipv4Addr::UNSPECIFIED, sport), (dst, dport), payload);
+        f
+    }
+
+    #[test]
+    fn recognises_dhcp_to_us_only() {
+        let us = Ipv4Addr::new(192, 168, 2, 1);
+        let f = frame(Ipv4Addr::BROADCAST, 68, 67, b"dhcp");
+        assert_eq!(
+            dhcp_request(&f, us),
+            Some(DhcpRequest { src_mac: [2, 0, 0, 0, 0, 9], broadcast: true, payload: b"dhcp" })
+        );
+        assert!(dhcp_request(&frame(us, 68, 67, b"x"), us).is_some_and(|r| !r.broadcast));
+        assert_eq!(dhcp_request(&frame(Ipv4Addr::new(10, 0, 0, 1), 68, 67, b"x"), us), None); // another server
+        assert_eq!(dhcp_request(&frame(Ipv4Addr::BROADCAST, 1234, 67, b"x"), us), None);
+        assert_eq!(dhcp_request(&frame(Ipv4Addr::BROADCAST, 68, 53, b"x"), us), None);
+        let mut bad = frame(Ipv4Addr::BROADCAST, 68, 67, b"dhcp");
+        let n = bad.len();
+        bad[n - 1] ^= 0xff; // UDP checksum no longer matches
+        assert_eq!(dhcp_request(&bad, us), None);
+        assert_eq!(dhcp_request(&[0u8; 13], us), None);
+    }
+}

@@ -1,0 +1,105 @@
+//! A relay namespace with an uplink peer, and guest namespaces joined to the relay's LAN by
+//! `wsnic connect`:
+//! ```text
+//!  guest i ─ctl veth 203.0.113.4i/30─┐                      ┌─ uplink veth 198.51.100.0/24 ─ upl
+//!                                     └─ relay (wsnic, br) ─┘
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{eventually, Netns, Wsnic, BIN};
+
+pub struct Lab {
+    pub relay: Netns,
+    pub upl: Netns,
+    pub guests: Vec<Netns>,
+    /// pid of each guest's `wsnic connect`.
+    pub connect_pids: Vec<u32>,
+    pub wsnic: Option<Wsnic>,
+    pub relay_args: Vec<String>,
+    pub logs: PathBuf,
+}
+
+impl Lab {
+    /// A relay started with `--ws-server-addr 0.0.0.0` plus `relay_args`.
+    pub fn new(relay_args: &[&str]) -> Lab {
+        let relay = Netns::new("relay");
+        let upl = Netns::new("upl");
+        relay.veth("uplink0", &upl, "peer0");
+        relay.ip(&["addr", "add", "198.51.100.2/24", "dev", "uplink0"]);
+        relay.ip(&["route", "add", "default", "via", "198.51.100.1"]);
+        upl.ip(&["addr", "add", "198.51.100.1/24", "dev", "peer0"]);
+        let logs = std::env::temp_dir().join(format!("wsnic-lab-{}", relay.name));
+        std::fs::create_dir_all(&logs).unwrap();
+        let relay_args = relay_args.iter().map(|s| s.to_string()).collect();
+        let mut lab = Lab { relay, upl, guests: Vec::new(), connect_pids: Vec::new(), wsnic: None, relay_args, logs };
+        lab.start_relay();
+        lab
+    }
+
+    pub fn start_relay(&mut self) {
+        let log = self.logs.join("relay.log");
+        let mut args = vec!["--ws-server-addr", "0.0.0.0"];
+        args.extend(self.relay_args.iter().map(String::as_str));
+        self.wsnic = Some(Wsnic::start_logging(&self.relay, &args, log));
+    }
+
+    pub fn relay_log(&self) -> String {
+        std::fs::read_to_string(self.logs.join("relay.log")).unwrap_or_default()
+    }
+
+    /// A new guest namespace, its control link, and `wsnic connect` creating `tap` with `mac`.
+    /// Returns the guest's index.
+    pub fn add_guest(&mut self, tap: &str, mac: &str) -> usize {
+        let i = self.guests.len();
+        let g = Netns::new(&format!("g{i}"));
+        let (r_ip, g_ip) = (format!("203.0.113.{}", 4 * i + 1), format!("203.0.113.{}", 4 * i + 2));
+        let ctl = format!("ctl{i}");
+        self.relay.veth(&ctl, &g, "ctl0");
+        self.relay.ip(&["addr", "add", &format!("{r_ip}/30"), "dev", &ctl]);
+        g.ip(&["addr", "add", &format!("{g_ip}/30"), "dev", "ctl0"]);
+        let url = format!("ws://{r_ip}:8070/");
+        self.guests.push(g);
+        let pid = self.connect(i, &url, tap, mac);
+        self.connect_pids.push(pid);
+        i
+    }
+
+    /// Start `wsnic connect` in guest `i` and wait for its TAP.
+    pub fn connect(&self, i: usize, url: &str, tap: &str, mac: &str) -> u32 {
+        let g = &self.guests[i];
+        let pid = g.spawn(BIN, &["connect", url, "--tap", tap, "--mac", mac], &self.logs.join(format!("g{i}.log")));
+        assert!(
+            eventually(Duration::from_secs(10), || g.link_exists(tap)),
+            "no TAP in guest {i}: {}",
+            self.guest_log(i)
+        );
+        pid
+    }
+
+    /// A guest with a static address and a default route via the gateway.
+    pub fn add_static_guest(&mut self, last_octet: u8) -> usize {
+        let i = self.add_guest("wstap0", &format!("02:00:00:00:01:{last_octet:02x}"));
+        let g = &self.guests[i];
+        g.ip(&["addr", "add", &format!("192.168.2.{last_octet}/24"), "dev", "wstap0"]);
+        g.ip(&["route", "add", "default", "via", "192.168.2.1"]);
+        i
+    }
+
+    pub fn guest_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.logs.join(format!("g{i}.log"))).unwrap_or_default()
+    }
+
+    pub fn ping(&self, from: usize, to: &str) -> bool {
+        self.guests[from].exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", to]).status.success()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // The relay first (SIGTERM, clean exit), before its namespace goes.
+        drop(self.wsnic.take());
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
