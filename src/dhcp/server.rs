@@ -11,8 +11,8 @@
 //!
 //! Every record (an outstanding offer or a lease) belongs to at most one WebSocket connection,
 //! and a connection has at most one record: when a connection asks with a new key, the record it
-//! holds under its old key is freed first, so a guest inventing MAC addresses ever holds one
-//! address. A key is one machine: when a key asks from another connection, its record moves
+//! holds under its old key is freed first, so a guest inventing MAC addresses never holds more
+//! than one address. A key is one machine: when a key asks from another connection, its record moves
 //! there (this is how a reconnecting browser VM keeps its address).
 //!
 //! An address is *pinned* — never given to anyone else — while its lease is bound to a live
@@ -420,6 +420,12 @@ impl Server {
         match own {
             Some(ip) if u32::from(want) == ip && self.may_keep(ip, c) => self.ack(ip, c, msg, now),
             Some(_) => Some(self.nak(msg, "that address is not yours")),
+            // No record of this client (RFC 2131 §4.3.2: remain silent) — unless another client
+            // holds the address: wsnic is the only server on its bridge, so a NAK is safe, and
+            // silence would let a client whose address was reclaimed keep using it.
+            None if self.records.get(&u32::from(want)).is_some_and(|r| r.pinned(now)) => {
+                Some(self.nak(msg, "that address belongs to another client"))
+            }
             None => None,
         }
     }
@@ -1226,7 +1232,9 @@ mod tests {
         // Connection 1 is alive but its lease ran out at T0 + 100.
         assert_eq!(s.free_count(T0 + 101), 1);
         assert_eq!(dora(&mut s, 3, mac(3), T0 + 101), ip(10));
-        assert!(s.handle(1, mac(1), false, &renew(mac(1), ip(10)), T0 + 102).is_none());
+        // Client 1 renewing the address that is now client 3's is told no, not left to keep using it.
+        let r = s.handle(1, mac(1), false, &renew(mac(1), ip(10)), T0 + 102).expect("a NAK");
+        assert_eq!(r.msg.message_type(), Some(MessageType::Nak));
     }
 
     #[test]
