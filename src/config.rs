@@ -63,6 +63,76 @@ impl std::str::FromStr for Ipv4Net {
     }
 }
 
+/// An IPv4 or IPv6 network, `ADDR/PREFIX` (a bare address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpCidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpCidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let m = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                u32::from(n) & m == u32::from(a) & m
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let m = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                u128::from(n) & m == u128::from(a) & m
+            }
+            (IpAddr::V6(_), IpAddr::V4(a)) => self.contains(IpAddr::V6(a.to_ipv6_mapped())),
+            (IpAddr::V4(_), IpAddr::V6(a)) => a.to_ipv4_mapped().is_some_and(|a| self.contains(IpAddr::V4(a))),
+        }
+    }
+}
+
+impl fmt::Display for IpCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for IpCidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+        let addr: IpAddr = a.trim().parse().map_err(|_| format!("{a:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => {
+                p.trim().parse().ok().filter(|p| *p <= max).ok_or(format!("{p:?} is not a prefix length 0..{max}"))?
+            }
+        };
+        Ok(IpCidr { addr, prefix })
+    }
+}
+
+/// `10mbit`, `500kbit`, `1gbit`, `64000` (bits per second; decimal units) → bytes per second.
+pub fn parse_rate(v: &str) -> Result<u64, String> {
+    let err = || format!("{v:?} is not a rate (e.g. 10mbit, 500kbit, 1gbit)");
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "bit" | "bps" => 1,
+        "kbit" | "k" => 1_000,
+        "mbit" | "m" => 1_000_000,
+        "gbit" | "g" => 1_000_000_000,
+        _ => return Err(err()),
+    };
+    let bytes = n.saturating_mul(mult) / 8;
+    if bytes < 8_000 {
+        return Err(format!("{v:?}: at least 64kbit"));
+    }
+    Ok(bytes)
+}
+
+fn parse_list<T: std::str::FromStr<Err = String>>(v: &str) -> Result<Vec<T>, String> {
+    v.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()).map(str::parse).collect()
+}
+
 /// The running configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -91,6 +161,18 @@ pub struct Config {
     pub dhcp_mtu: Option<u16>,
     pub dhcp_lease_file: Option<std::path::PathBuf>,
     pub dhcp_lease_grace: Duration,
+    pub max_clients: usize,
+    pub max_clients_per_ip: usize,
+    pub trusted_proxies: Vec<IpCidr>,
+    pub allowed_origins: Vec<String>,
+    pub auth_token: Option<String>,
+    pub anti_spoofing: bool,
+    pub client_isolation: bool,
+    pub egress_policy: bool,
+    pub egress_allow: Vec<Ipv4Net>,
+    pub egress_deny: Vec<Ipv4Net>,
+    /// Bytes per second, per client and direction.
+    pub rate_limit: Option<u64>,
     /// Where each key was last set ("wsnic.conf:12", "--bridge-name"); for error messages.
     origins: HashMap<&'static str, String>,
 }
@@ -187,6 +269,53 @@ pub const KEYS: &[Key] = &[
         default: "300s",
         help: "how long a disconnected client's address is kept for a reconnect with the same MAC",
     },
+    Key {
+        name: "max_clients",
+        default: "256",
+        help: "most clients at once, 1..1023 (a bridge's port limit); over it: 503",
+    },
+    Key { name: "max_clients_per_ip", default: "8", help: "most clients at once from one IP address; over it: 429" },
+    Key {
+        name: "trusted_proxies",
+        default: "",
+        help: "reverse proxies (CIDRs) whose X-Forwarded-For names the real client (empty: trust none)",
+    },
+    Key {
+        name: "allowed_origins",
+        default: "",
+        help: "web origins allowed to connect, e.g. https://copy.sh (empty: any)",
+    },
+    Key {
+        name: "auth_token",
+        default: "",
+        help: "a secret clients must give as ?token=SECRET or as the URL path /SECRET (empty: none)",
+    },
+    Key {
+        name: "anti_spoofing",
+        default: "true",
+        help: "lock each client to its first MAC and, once DHCP gave it one, its address",
+    },
+    Key {
+        name: "client_isolation",
+        default: "false",
+        help: "true: clients reach the gateway but not each other (bridge port isolation)",
+    },
+    Key {
+        name: "egress_policy",
+        default: "true",
+        help: "keep clients away from the host and from private, link-local, CGNAT and multicast ranges",
+    },
+    Key {
+        name: "egress_allow",
+        default: "",
+        help: "IPv4 CIDRs clients may reach despite egress_policy (e.g. a LAN printer)",
+    },
+    Key { name: "egress_deny", default: "", help: "further IPv4 CIDRs clients may not reach" },
+    Key {
+        name: "rate_limit",
+        default: "",
+        help: "per client and direction, e.g. 10mbit (shaped, not policed; empty: none)",
+    },
 ];
 
 /// A configuration error, located: `wsnic.conf:12: bridge_subnet: ...`.
@@ -234,6 +363,17 @@ impl Default for Config {
             dhcp_mtu: None,
             dhcp_lease_file: None,
             dhcp_lease_grace: Duration::ZERO,
+            max_clients: 0,
+            max_clients_per_ip: 0,
+            trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
+            auth_token: None,
+            anti_spoofing: false,
+            client_isolation: false,
+            egress_policy: false,
+            egress_allow: Vec::new(),
+            egress_deny: Vec::new(),
+            rate_limit: None,
             origins: HashMap::new(),
         };
         for k in KEYS {
@@ -390,6 +530,45 @@ impl Config {
             }
             "dhcp_lease_file" => self.dhcp_lease_file = opt(v).map(std::path::PathBuf::from),
             "dhcp_lease_grace" => self.dhcp_lease_grace = parse_duration(v)?,
+            "max_clients" => {
+                self.max_clients = parse_num::<usize>(v, "a number").and_then(|n| {
+                    if (1..=1023).contains(&n) {
+                        Ok(n)
+                    } else {
+                        Err(format!("{n} is outside 1..1023 (a bridge has 1023 ports)"))
+                    }
+                })?
+            }
+            "max_clients_per_ip" => {
+                self.max_clients_per_ip = parse_num::<usize>(v, "a number").and_then(|n| {
+                    if n == 0 {
+                        Err("must be at least 1".into())
+                    } else {
+                        Ok(n)
+                    }
+                })?
+            }
+            "trusted_proxies" => self.trusted_proxies = parse_list(v)?,
+            "allowed_origins" => {
+                self.allowed_origins = v
+                    .split([',', ' '])
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.trim_end_matches('/').to_string())
+                    .collect()
+            }
+            "auth_token" => {
+                if v.contains(|c: char| c.is_whitespace() || c == '/' || c == '?' || c == '&' || c == '#') {
+                    return Err("may not contain spaces, '/', '?', '&' or '#'".into());
+                }
+                self.auth_token = opt(v).map(str::to_string)
+            }
+            "anti_spoofing" => self.anti_spoofing = parse_bool(v)?,
+            "client_isolation" => self.client_isolation = parse_bool(v)?,
+            "egress_policy" => self.egress_policy = parse_bool(v)?,
+            "egress_allow" => self.egress_allow = parse_list(v)?,
+            "egress_deny" => self.egress_deny = parse_list(v)?,
+            "rate_limit" => self.rate_limit = opt(v).map(parse_rate).transpose()?,
             _ => return Err("unknown key".into()),
         }
         Ok(())
@@ -593,6 +772,39 @@ mod tests {
         let mut c = Config::default();
         c.set_from("dhcp_host", "02:00:00:00:00:10,192.168.2.1", "f:2".into()).unwrap();
         assert!(c.validate().unwrap_err().to_string().starts_with("f:2: dhcp_host:"));
+    }
+
+    #[test]
+    fn security_keys() {
+        let mut c = Config::default();
+        assert_eq!(
+            (c.max_clients, c.max_clients_per_ip, c.anti_spoofing, c.egress_policy, c.client_isolation),
+            (256, 8, true, true, false)
+        );
+        c.apply_file_text(
+            "f",
+            "trusted_proxies=10.0.0.0/8, ::1\nallowed_origins=https://copy.sh/ https://x.org\nauth_token=s3cret\negress_allow=192.168.1.0/24\nrate_limit=10mbit\n",
+        )
+        .unwrap();
+        assert!(c.trusted_proxies[0].contains("10.9.8.7".parse().unwrap()));
+        assert!(
+            c.trusted_proxies[1].contains("::1".parse().unwrap())
+                && !c.trusted_proxies[1].contains("::2".parse().unwrap())
+        );
+        assert_eq!(c.allowed_origins, ["https://copy.sh", "https://x.org"]);
+        assert_eq!(c.rate_limit, Some(1_250_000));
+        for (line, frag) in [
+            ("max_clients=2000", "1023"),
+            ("max_clients_per_ip=0", "at least 1"),
+            ("trusted_proxies=10.0.0.0/40", "prefix"),
+            ("auth_token=a/b", "may not contain"),
+            ("rate_limit=fast", "not a rate"),
+            ("rate_limit=1kbit", "at least"),
+            ("egress_deny=10.0.0.1/8", "host bits"),
+        ] {
+            let e = Config::default().apply_file_text("f", line).unwrap_err();
+            assert!(e.to_string().contains(frag), "{line}: {e}");
+        }
     }
 
     #[test]

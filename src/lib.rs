@@ -1,5 +1,6 @@
 //! wsnic: a WebSocket to TAP relay for browser-based emulators.
 
+pub mod admission;
 pub mod config;
 pub mod connect;
 pub mod dhcp;

@@ -68,3 +68,44 @@ mod tests {
         assert_eq!(timestamp(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
     }
 }
+
+/// At most one log line per `interval` for a noisy event; the next line says how many were
+/// held back. (Refusals and drops can come at the rate an attacker chooses.)
+#[derive(Debug)]
+pub struct RateLimited {
+    interval: std::time::Duration,
+    last: Option<std::time::Instant>,
+    held: u64,
+}
+
+impl RateLimited {
+    pub const fn new(interval: std::time::Duration) -> RateLimited {
+        RateLimited { interval, last: None, held: 0 }
+    }
+
+    /// `Some(held back since the last line)` if a line may be logged now.
+    pub fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self.last.is_some_and(|t| now.saturating_duration_since(t) < self.interval) {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn holds_back_and_counts() {
+        let mut r = RateLimited::new(Duration::from_secs(10));
+        let t = Instant::now();
+        assert_eq!(r.allow(t), Some(0));
+        assert_eq!(r.allow(t + Duration::from_secs(1)), None);
+        assert_eq!(r.allow(t + Duration::from_secs(2)), None);
+        assert_eq!(r.allow(t + Duration::from_secs(10)), Some(2));
+    }
+}

@@ -181,10 +181,21 @@ fn serve(cfg: &Config) -> Result<(), String> {
         ping_interval: cfg.ping_interval,
         idle_timeout: cfg.idle_timeout,
         handshake_timeout: cfg.handshake_timeout,
+        admission: wsnic::admission::Admission {
+            max_clients: cfg.max_clients,
+            max_per_ip: cfg.max_clients_per_ip,
+            trusted_proxies: cfg.trusted_proxies.clone(),
+            allowed_origins: cfg.allowed_origins.clone(),
+            token: cfg.auth_token.clone(),
+        },
+        isolation: cfg.client_isolation,
+        rate_limit: cfg.rate_limit,
     };
     let mut net = Network::up(cfg)?;
-    let policy =
-        Policy { dhcp: dhcp.map(|s| Dhcp::new(s, cfg.bridge_addr(), net.bridge_mac, cfg.dhcp_lease_file.clone())) };
+    let policy = Policy::new(
+        dhcp.map(|s| Dhcp::new(s, cfg.bridge_addr(), net.bridge_mac, cfg.dhcp_lease_file.clone())),
+        cfg.anti_spoofing,
+    );
     let mut relay = match Relay::new(listener, settings, policy, signals) {
         Ok(r) => r,
         Err(e) => {

@@ -27,6 +27,9 @@ struct Record {
     addr: Option<(Ipv4Addr, u8)>,
     table: String,
     ip_forward_before: Option<String>,
+    /// The bridge's `disable_ipv6` before we set it (the egress policy is IPv4 only, so IPv6
+    /// from clients to the host is switched off on the bridge).
+    ipv6_before: Option<String>,
 }
 
 impl Record {
@@ -40,6 +43,9 @@ impl Record {
         }
         if let Some(v) = &self.ip_forward_before {
             s += &format!("ip_forward_before={v}\n");
+        }
+        if let Some(v) = &self.ipv6_before {
+            s += &format!("ipv6_before={v}\n");
         }
         s
     }
@@ -58,6 +64,7 @@ impl Record {
                     r.addr = Some((a.parse().ok()?, p.parse().ok()?));
                 }
                 "ip_forward_before" => r.ip_forward_before = Some(v.to_string()),
+                "ipv6_before" => r.ipv6_before = Some(v.to_string()),
                 _ => return None,
             }
         }
@@ -144,6 +151,7 @@ impl Network {
             addr: None,
             table: cfg.nft_table(),
             ip_forward_before: Some(sysctl::read(IP_FORWARD).map_err(ctx(|| IP_FORWARD.into()))?),
+            ipv6_before: None,
         };
         let mut net = Network { bridge_index: 0, bridge_mac: [0; 6], uplink, nl, record: record.clone(), state_path };
         net.save()?;
@@ -189,6 +197,8 @@ impl Network {
             self.save()?;
         }
         self.nl.set_up(index).map_err(ctx(|| format!("bringing {br} up")))?;
+        let cidrs = |v: &[crate::config::Ipv4Net]| v.iter().map(|n| (n.addr, n.prefix)).collect::<Vec<_>>();
+        let (allow, deny) = (cidrs(&cfg.egress_allow), cidrs(&cfg.egress_deny));
         firewall::apply(&firewall::NatRules {
             table: &record.table,
             subnet: cfg.bridge_subnet.network(),
@@ -197,8 +207,22 @@ impl Network {
             uplink: self.uplink.as_deref(),
             masquerade: cfg.nat,
             restrict_inbound: cfg.bridge_restrict_inbound,
+            client_isolation: cfg.client_isolation,
+            egress: cfg.egress_policy.then_some(firewall::Egress { gateway: addr, allow: &allow, deny: &deny }),
         })
         .map_err(ctx(|| format!("nftables table {}", record.table)))?;
+        if cfg.egress_policy {
+            // The nft table is IPv4: without this a client could reach the host's services over
+            // the bridge's link-local IPv6 address. The kernel then drops IPv6 to the host on
+            // the bridge; IPv6 between clients is bridged and unaffected.
+            let knob = disable_ipv6(br);
+            if let Ok(before) = sysctl::read(&knob) {
+                record.ipv6_before = Some(before);
+                self.record.ipv6_before = record.ipv6_before.clone();
+                self.save()?;
+                sysctl::write(&knob, "1").map_err(ctx(|| knob.clone()))?;
+            }
+        }
         sysctl::write(IP_FORWARD, "1").map_err(ctx(|| IP_FORWARD.into()))?;
         Ok(())
     }
@@ -220,6 +244,11 @@ impl Network {
     }
 }
 
+/// The sysctl that switches IPv6 off on one interface (slash form: names may contain dots).
+fn disable_ipv6(ifname: &str) -> String {
+    format!("net/ipv6/conf/{ifname}/disable_ipv6")
+}
+
 /// Undo what `r` records; every step is idempotent and failures are logged, not fatal.
 fn undo(nl: &mut Netlink, r: &Record) {
     if let Err(e) = firewall::remove(&r.table) {
@@ -232,6 +261,11 @@ fn undo(nl: &mut Netlink, r: &Record) {
             }
         }
         Ok(Some(i)) => {
+            if let Some(v) = &r.ipv6_before {
+                if let Err(e) = sysctl::write(&disable_ipv6(&r.bridge), v) {
+                    log::error!("restoring IPv6 on {}: {e}", r.bridge);
+                }
+            }
             if let Some((a, p)) = r.addr {
                 if let Err(e) = nl.del_ipv4(i, a, p) {
                     log::error!("removing {a}/{p} from {}: {e}", r.bridge);
@@ -261,6 +295,7 @@ mod tests {
             addr: Some((Ipv4Addr::new(192, 168, 2, 1), 24)),
             table: "wsnic_wsnicbr0".into(),
             ip_forward_before: Some("0".into()),
+            ipv6_before: Some("0".into()),
         };
         assert_eq!(Record::parse(&r.render()), Some(r));
         assert_eq!(Record::parse("garbage"), None);

@@ -271,7 +271,9 @@ fn a_thousand_connections_with_fresh_macs_never_exhaust_a_24() {
 #[test]
 fn one_connection_flooding_fake_macs_holds_one_address() {
     let ns = Netns::new("flood");
-    let _w = Wsnic::start(&ns, &["--bridge-subnet", "192.168.2.0/29"]); // 5 client addresses
+    // With anti-spoofing (the default) the fake MACs never get past the MAC lock; this checks
+    // the DHCP engine's own defence, for relays that turn anti-spoofing off.
+    let _w = Wsnic::start(&ns, &["--bridge-subnet", "192.168.2.0/29", "--anti-spoofing", "false"]); // 5 client addresses
     let mut g = Guest::connect(&ns, guest_mac(100), Ipv4Addr::UNSPECIFIED);
     for n in 0..50u32 {
         g.mac = guest_mac(1000 + n);

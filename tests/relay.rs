@@ -411,7 +411,7 @@ fn without_net_admin_says_so_and_exits_1() {
 #[test]
 fn idle_clients_hold_no_buffers() {
     let ns = Netns::new("idlemem");
-    let w = Wsnic::start(&ns, &[]);
+    let w = Wsnic::start(&ns, &["--max-clients", "400", "--max-clients-per-ip", "400"]);
     // Warm up: one client with traffic, so the pool and allocator are in steady state.
     let mut g = Guest::connect(&ns, mac(70), ip(70));
     g.arp(GW);

@@ -6,11 +6,12 @@
 //! the privilege to unshare, the tests print a notice and pass vacuously.
 
 use std::io;
-use std::net::Ipv4Addr;
-use std::process::Command;
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::process::{Child, Command, Output, Stdio};
 use std::thread;
+use std::time::Duration;
 
-use wsnic::sys::firewall::{self, NatRules};
+use wsnic::sys::firewall::{self, Egress, NatRules};
 use wsnic::sys::netlink::Netlink;
 use wsnic::sys::sysctl;
 
@@ -169,6 +170,8 @@ fn rules<'a>(table: &'a str, uplink: &'a str, masquerade: bool, restrict: bool) 
         uplink: Some(uplink),
         masquerade,
         restrict_inbound: restrict,
+        client_isolation: false,
+        egress: None,
     }
 }
 
@@ -284,4 +287,313 @@ fn sysctl_round_trip_is_per_namespace() {
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     });
     assert_eq!(sysctl::read("net.ipv4.ip_forward").unwrap(), host);
+}
+
+#[test]
+fn firewall_egress_policy_rules() {
+    if !has_nft() {
+        return;
+    }
+    in_netns(|| {
+        let t = "wsnic_e";
+        let allow = [(Ipv4Addr::new(192, 168, 1, 0), 24), (Ipv4Addr::new(10, 1, 2, 3), 32)];
+        // Overlapping and host-bit entries are fine: nft merges anonymous interval sets.
+        let deny = [(Ipv4Addr::new(203, 0, 113, 9), 24), (Ipv4Addr::new(203, 0, 113, 128), 25)];
+        let mut r = rules(t, "eth9", true, true);
+        r.egress = Some(Egress { gateway: Ipv4Addr::new(10, 0, 2, 1), allow: &allow, deny: &deny });
+        firewall::apply(&r).unwrap();
+        let listing = run(&["nft", "list", "table", "ip", t]);
+        let input = listing.split("chain input {").nth(1).expect(&listing).split("chain forward").next().unwrap();
+        for rule in [
+            "type filter hook input priority filter; policy accept;",
+            r#"iifname "wsbr0" ct state established,related accept"#,
+            r#"iifname "wsbr0" ip daddr 10.0.2.1 udp dport { 53, 67 } accept"#,
+            r#"iifname "wsbr0" ip daddr 10.0.2.1 tcp dport 53 accept"#,
+            r#"iifname "wsbr0" ip daddr 10.0.2.1 ip protocol icmp accept"#,
+            r#"iifname "wsbr0" ip daddr { 10.1.2.3, 192.168.1.0/24 } accept"#,
+            r#"iifname "wsbr0" drop"#,
+        ] {
+            assert!(input.contains(rule), "{rule} missing:\n{listing}");
+        }
+        let forward: Vec<&str> = listing.split("chain forward {").nth(1).unwrap().lines().map(str::trim).collect();
+        let expected = [
+            "type filter hook forward priority filter; policy accept;",
+            r#"iifname "wsbr0" ct state established,related accept"#,
+            r#"iifname "wsbr0" oifname "wsbr0" accept"#,
+            r#"iifname "wsbr0" ip daddr { 10.1.2.3, 192.168.1.0/24 } accept"#,
+            r#"iifname "wsbr0" ip daddr { 203.0.113.0/24 } drop"#,
+            r#"iifname "wsbr0" ip daddr { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/3 } drop"#,
+            r#"iifname "wsbr0" oifname "eth9" accept"#,
+            r#"iifname "eth9" oifname "wsbr0" ct state established,related accept"#,
+            r#"iifname "eth9" oifname "wsbr0" drop"#,
+            r#"iifname "wsbr0" drop"#,
+        ];
+        assert_eq!(&forward[1..=expected.len()], expected, "{listing}");
+        assert!(!listing.contains("policy drop"), "{listing}");
+
+        // Re-applying replaces the rules; empty lists leave their rules out.
+        r.egress = Some(Egress { gateway: Ipv4Addr::new(10, 0, 2, 1), allow: &[], deny: &[] });
+        r.client_isolation = true;
+        firewall::apply(&r).unwrap();
+        let listing = run(&["nft", "list", "table", "ip", t]);
+        assert!(!listing.contains("10.1.2.3") && !listing.contains("203.0.113"), "{listing}");
+        assert!(!listing.contains(r#"oifname "wsbr0" accept"#), "{listing}");
+        let forward = listing.split("chain forward {").nth(1).unwrap();
+        assert_eq!(forward.lines().nth(2).unwrap().trim(), r#"iifname "wsbr0" oifname "wsbr0" drop"#, "{listing}");
+
+        // Without the policy the table is as before: no input chain.
+        r.egress = None;
+        r.client_isolation = false;
+        firewall::apply(&r).unwrap();
+        let listing = run(&["nft", "list", "table", "ip", t]);
+        assert!(!listing.contains("chain input") && !listing.contains(r#"iifname "wsbr0" drop"#), "{listing}");
+        firewall::remove(t).unwrap();
+        assert!(!firewall::table_exists(t).unwrap());
+    });
+}
+
+/// A network namespace of its own, held by a `sleep` started with `unshare -n` from the calling
+/// thread's namespace; commands run in it through `nsenter`. Killing the `sleep` (on drop) frees it.
+struct Peer {
+    holder: Child,
+}
+
+impl Peer {
+    fn new() -> Peer {
+        let holder = Command::new("unshare").args(["-n", "sleep", "300"]).stdin(Stdio::null()).spawn().unwrap();
+        let peer = Peer { holder };
+        let mine = netns_inode();
+        let path = format!("/proc/{}/ns/net", peer.pid());
+        for _ in 0..500 {
+            if std::fs::read_link(&path).is_ok_and(|l| l.to_string_lossy() != mine) {
+                peer.ok(&["ip", "link", "set", "lo", "up"]);
+                return peer;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!("unshare -n did not move to a new namespace");
+    }
+
+    fn pid(&self) -> String {
+        self.holder.id().to_string()
+    }
+
+    fn exec(&self, args: &[&str]) -> Output {
+        Command::new("nsenter").args(["-t", &self.pid(), "-n", "--"]).args(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.exec(args);
+        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A veth pair: `here` in the calling thread's namespace (down), `there` in this one.
+    fn veth(&self, here: &str, there: &str) {
+        run(&["ip", "link", "add", here, "type", "veth", "peer", "name", there, "netns", &self.pid()]);
+        self.ok(&["ip", "link", "set", there, "up"]);
+    }
+
+    fn ping(&self, to: &str) -> bool {
+        self.exec(&["ping", "-n", "-q", "-c", "1", "-W", "1", to]).status.success()
+    }
+
+    /// A ping expected to pass: three tries (the first may wait for ARP or DAD).
+    fn reaches(&self, to: &str) -> bool {
+        (0..3).any(|_| self.ping(to))
+    }
+
+    /// Whether a TCP connection to `to:port` is established within 2 s.
+    fn tcp(&self, to: &str, port: u16) -> bool {
+        let script = format!("exec 3<>/dev/tcp/{to}/{port}");
+        self.exec(&["timeout", "2", "bash", "-c", &script]).status.success()
+    }
+
+    /// Send one UDP datagram to `to:port`.
+    fn udp(&self, to: &str, port: u16) {
+        let script = format!("echo hi >/dev/udp/{to}/{port}");
+        self.ok(&["bash", "-c", &script]);
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// A client namespace on bridge `br`: veth `host_end` (a port of `br`) ↔ `eth0` with `addr`/24
+/// and a default route via `gw`.
+fn client(nl: &mut Netlink, br: u32, host_end: &str, addr: &str, gw: &str) -> Peer {
+    let c = Peer::new();
+    c.veth(host_end, "eth0");
+    c.ok(&["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+    c.ok(&["ip", "route", "add", "default", "via", gw]);
+    let port = nl.link_index(host_end).unwrap().unwrap();
+    nl.attach_up(port, br).unwrap();
+    c
+}
+
+fn bridge_with_addr(nl: &mut Netlink, name: &str, cidr: &str) -> u32 {
+    let br = nl.create_bridge(name).unwrap();
+    run(&["ip", "addr", "add", cidr, "dev", name]);
+    nl.set_up(br).unwrap();
+    br
+}
+
+#[test]
+fn bridge_port_isolation() {
+    in_netns(|| {
+        let mut nl = Netlink::open().unwrap();
+        let br = bridge_with_addr(&mut nl, "wsbr-i", "192.168.7.1/24");
+        let c1 = client(&mut nl, br, "wsp1", "192.168.7.11", "192.168.7.1");
+        let c2 = client(&mut nl, br, "wsp2", "192.168.7.12", "192.168.7.1");
+        let (p1, p2) = (nl.link_index("wsp1").unwrap().unwrap(), nl.link_index("wsp2").unwrap().unwrap());
+        assert!(!nl.port_isolated(p1).unwrap());
+        assert!(c1.reaches("192.168.7.12"), "ports are not isolated yet");
+
+        for p in [p1, p2] {
+            nl.set_port_isolated(p, true).unwrap();
+            assert!(nl.port_isolated(p).unwrap());
+        }
+        let shown = run(&["bridge", "-d", "link", "show", "dev", "wsp1"]);
+        assert!(shown.contains("isolated on"), "{shown}");
+        run(&["ip", "neigh", "flush", "dev", "wsbr-i"]);
+        c1.ok(&["ip", "neigh", "flush", "dev", "eth0"]);
+        c2.ok(&["ip", "neigh", "flush", "dev", "eth0"]);
+        assert!(c1.reaches("192.168.7.1") && c2.reaches("192.168.7.1"), "isolated ports reach the bridge");
+        assert!(!c1.ping("192.168.7.12") && !c2.ping("192.168.7.11"), "isolated ports reached each other");
+
+        // One port back to normal: an isolated port reaches a non-isolated one.
+        nl.set_port_isolated(p2, false).unwrap();
+        assert!(!nl.port_isolated(p2).unwrap());
+        let shown = run(&["bridge", "-d", "link", "show", "dev", "wsp2"]);
+        assert!(shown.contains("isolated off"), "{shown}");
+        assert!(c1.reaches("192.168.7.12"));
+
+        // attach_isolated_up: enslaved, isolated and up.
+        let c3 = Peer::new();
+        c3.veth("wsp3", "eth0");
+        c3.ok(&["ip", "addr", "add", "192.168.7.13/24", "dev", "eth0"]);
+        let p3 = nl.link_index("wsp3").unwrap().unwrap();
+        nl.attach_isolated_up(p3, br).unwrap();
+        assert!(nl.port_isolated(p3).unwrap());
+        let link = run(&["ip", "-d", "-j", "link", "show", "dev", "wsp3"]);
+        assert!(link.contains(r#""master":"wsbr-i""#) && link.contains(r#""UP""#), "{link}");
+        assert!(link.contains(r#""isolated":true"#), "{link}");
+        assert!(c3.reaches("192.168.7.1") && c3.reaches("192.168.7.12"));
+        assert!(!c3.ping("192.168.7.11"));
+
+        // Not a bridge port, or no such link: errors, not a silent no-op.
+        let lo = nl.link_index("lo").unwrap().unwrap();
+        assert!(nl.set_port_isolated(lo, true).unwrap_err().raw_os_error().is_some());
+        assert_eq!(nl.port_isolated(lo).unwrap_err().raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(nl.port_isolated(999_999).unwrap_err().raw_os_error(), Some(libc::ENODEV));
+        assert!(nl.set_port_isolated(999_999, true).unwrap_err().raw_os_error().is_some());
+    });
+}
+
+/// The egress policy and client isolation with real traffic:
+/// ```text
+///  client c1 192.168.2.11 ─┐
+///                          ├─ wsbr0 192.168.2.1 ─ (this namespace, 198.51.100.2) ─ wsup0 ═ uplink peer
+///  client c2 192.168.2.12 ─┘                198.51.100.1, 10.1.2.3, 169.254.169.254, 203.0.113.7
+/// ```
+#[test]
+fn egress_policy_and_isolation_traffic() {
+    if !has_nft() {
+        return;
+    }
+    in_netns(|| {
+        let mut nl = Netlink::open().unwrap();
+        let br = bridge_with_addr(&mut nl, BRIDGE, "192.168.2.1/24");
+        let c1 = client(&mut nl, br, "wsc1", "192.168.2.11", "192.168.2.1");
+        let c2 = client(&mut nl, br, "wsc2", "192.168.2.12", "192.168.2.1");
+        let up = Peer::new();
+        up.veth("wsup0", "eth0");
+        for a in ["198.51.100.1/24", "10.1.2.3/32", "169.254.169.254/32", "203.0.113.7/32"] {
+            up.ok(&["ip", "addr", "add", a, "dev", "eth0"]);
+        }
+        run(&["ip", "addr", "add", "198.51.100.2/24", "dev", "wsup0"]);
+        run(&["ip", "link", "set", "wsup0", "up"]);
+        run(&["ip", "route", "add", "default", "via", "198.51.100.1"]);
+        sysctl::write("net.ipv4.ip_forward", "1").unwrap();
+        // No redirects: a client routing to another through the gateway stays routed.
+        sysctl::write("net.ipv4.conf.all.send_redirects", "0").unwrap();
+        sysctl::write(&format!("net.ipv4.conf.{BRIDGE}.send_redirects"), "0").unwrap();
+        // Host services on the gateway address: DNS (allowed) and something else (not).
+        let _dns_tcp = TcpListener::bind("192.168.2.1:53").unwrap();
+        let _other_tcp = TcpListener::bind("192.168.2.1:8070").unwrap();
+        let _uplink_tcp = TcpListener::bind("198.51.100.2:8070").unwrap();
+        let dns_udp = UdpSocket::bind("192.168.2.1:53").unwrap();
+        let other_udp = UdpSocket::bind("192.168.2.1:5353").unwrap();
+        for s in [&dns_udp, &other_udp] {
+            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        }
+        let received = |s: &UdpSocket| s.recv(&mut [0; 64]).is_ok();
+
+        let t = "wsnic_tr";
+        let mut r = rules(t, "wsup0", true, true);
+        r.subnet = Ipv4Addr::new(192, 168, 2, 0);
+        firewall::apply(&r).unwrap();
+        // Without the policy everything is reachable (the baseline the checks below rely on).
+        for to in ["198.51.100.1", "10.1.2.3", "169.254.169.254", "198.51.100.2", "192.168.2.1", "192.168.2.12"] {
+            assert!(c1.reaches(to), "baseline: {to}");
+        }
+        assert!(c1.tcp("192.168.2.1", 8070) && c1.tcp("198.51.100.2", 8070));
+
+        let gw = Ipv4Addr::new(192, 168, 2, 1);
+        r.egress = Some(Egress { gateway: gw, allow: &[], deny: &[] });
+        firewall::apply(&r).unwrap();
+        assert!(c1.reaches("198.51.100.1"), "Internet-bound traffic passes");
+        assert!(c1.reaches("203.0.113.7"));
+        assert!(c1.reaches("192.168.2.1"), "ICMP to the gateway");
+        assert!(c1.reaches("192.168.2.12"), "clients on the bridge reach each other (br_netfilter or not)");
+        assert!(!c1.ping("10.1.2.3"), "RFC 1918 behind the uplink");
+        assert!(!c1.ping("198.51.100.2"), "the host's uplink address");
+        assert!(!c1.ping("169.254.169.254"), "metadata address behind the uplink");
+        assert!(c1.tcp("192.168.2.1", 53), "DNS over TCP to the gateway");
+        assert!(!c1.tcp("192.168.2.1", 8070), "another TCP port of the gateway");
+        assert!(!c1.tcp("198.51.100.2", 8070), "a TCP port on another host address");
+        c1.udp("192.168.2.1", 53);
+        assert!(received(&dns_udp), "DNS over UDP to the gateway");
+        c1.udp("192.168.2.1", 5353);
+        assert!(!received(&other_udp), "another UDP port of the gateway");
+        // The host still reaches clients, and the uplink side gets replies only.
+        assert!(run(&["ping", "-c", "1", "-W", "1", "192.168.2.11"]).contains("1 received"));
+        assert!(!up.ping("192.168.2.11"), "restrict_inbound");
+
+        // allow opens holes (forwarded and to the host), deny closes one.
+        let allow = [(Ipv4Addr::new(10, 1, 2, 3), 32), (Ipv4Addr::new(198, 51, 100, 2), 32)];
+        let deny = [(Ipv4Addr::new(203, 0, 113, 0), 24)];
+        r.egress = Some(Egress { gateway: gw, allow: &allow, deny: &deny });
+        firewall::apply(&r).unwrap();
+        assert!(c1.reaches("10.1.2.3"), "egress allow, forwarded");
+        assert!(c1.reaches("198.51.100.2"), "egress allow, to the host");
+        assert!(c1.tcp("198.51.100.2", 8070), "egress allow, TCP to the host");
+        assert!(!c1.ping("203.0.113.7"), "egress deny");
+        assert!(c1.reaches("198.51.100.1"));
+
+        // Client isolation: the bridge ports, and routing through the gateway.
+        for p in ["wsc1", "wsc2"] {
+            let index = nl.link_index(p).unwrap().unwrap();
+            nl.set_port_isolated(index, true).unwrap();
+        }
+        for (c, other) in [(&c1, "192.168.2.12"), (&c2, "192.168.2.11")] {
+            c.ok(&["ip", "neigh", "flush", "dev", "eth0"]);
+            c.ok(&["ip", "route", "add", &format!("{other}/32"), "via", "192.168.2.1"]);
+        }
+        r.egress = None;
+        firewall::apply(&r).unwrap();
+        assert!(c1.reaches("192.168.2.12"), "without the rule, isolated clients meet through the gateway");
+        r.client_isolation = true;
+        firewall::apply(&r).unwrap();
+        assert!(!c1.ping("192.168.2.12") && !c2.ping("192.168.2.11"), "routed around port isolation");
+        assert!(c1.reaches("192.168.2.1") && c1.reaches("198.51.100.1"));
+        r.egress = Some(Egress { gateway: gw, allow: &[], deny: &[] });
+        firewall::apply(&r).unwrap();
+        assert!(!c1.ping("192.168.2.12"), "routed around port isolation, egress policy on");
+        assert!(c1.reaches("192.168.2.1") && c1.reaches("198.51.100.1"));
+    });
 }

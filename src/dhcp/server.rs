@@ -143,6 +143,8 @@ pub struct Server {
     /// Earliest offer or quarantine end: `expire` has nothing to do before it.
     next_deadline: u64,
     dirty: bool,
+    /// Bumped by every call that may change who holds which address (see [`Server::epoch`]).
+    epoch: u64,
     /// The current exhaustion episode has been logged.
     exhausted: bool,
     exhaustion_warnings: u64,
@@ -207,6 +209,7 @@ impl Server {
             quarantine: BTreeMap::new(),
             next_deadline: u64::MAX,
             dirty: false,
+            epoch: 0,
             exhausted: false,
             exhaustion_warnings: 0,
             cfg,
@@ -249,6 +252,19 @@ impl Server {
     }
 
     /// True once after any change that the lease file records (see [`super::store`]).
+    /// Changes whenever an address may have changed hands; callers that cache
+    /// [`Server::bound_ip`] refresh when it moves.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The address bound to connection `conn` (an acknowledged, unexpired lease), if any.
+    pub fn bound_ip(&self, conn: ConnId, now: u64) -> Option<Ipv4Addr> {
+        let ip = *self.by_conn.get(&conn)?;
+        let r = self.records.get(&ip)?;
+        (r.bound && r.lease.conn == Some(conn) && r.lease.expires >= now).then(|| Ipv4Addr::from(ip))
+    }
+
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
     }
@@ -258,6 +274,7 @@ impl Server {
     /// their client gets them back if nobody took them). Leases whose address is no longer
     /// allowed (configuration changed) or is claimed twice are dropped with a warning.
     pub fn load(&mut self, leases: Vec<Lease>, now: u64) {
+        self.epoch += 1;
         for mut lease in leases {
             let ip = u32::from(lease.ip);
             let allowed = self.allowed(ip, Some(lease.mac)) && !self.quarantine.contains_key(&ip);
@@ -281,6 +298,7 @@ impl Server {
 
     /// The connection closed: its lease enters the grace period, its offer is dropped.
     pub fn connection_closed(&mut self, conn: ConnId, now: u64) {
+        self.epoch += 1;
         let Some(ip) = self.by_conn.remove(&conn) else { return };
         let r = self.records.get_mut(&ip).expect("by_conn points at a record");
         if r.bound {
@@ -333,6 +351,7 @@ impl Server {
         msg: &Message,
         now: u64,
     ) -> Option<Reply> {
+        self.epoch += 1;
         if msg.op != wire::BOOTREQUEST {
             return None;
         }

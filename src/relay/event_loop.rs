@@ -19,6 +19,8 @@ use signal_hook_mio::v1_0::Signals;
 use super::bufpool::BufPool;
 use super::pipe::{Ending, Pipe, Progress};
 use super::policy::Policy;
+use crate::admission::{client_ip, Admission, Refused};
+use crate::logging::RateLimited;
 use crate::sys::netlink::Netlink;
 use crate::sys::tap::Tap;
 use crate::ws::handshake::{self, Outcome, Refusal};
@@ -26,8 +28,9 @@ use crate::ws::{close_code, Role};
 
 const LISTENER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
-/// A bridge has 1023 usable ports.
-pub const MAX_CLIENTS: usize = 1023;
+/// Connections still in their handshake, at most; more are closed at once (each holds a socket
+/// and up to 8 KiB until `handshake_timeout`).
+const MAX_PENDING: usize = 1024;
 /// How long a closing connection may take to flush its last frames.
 const LINGER: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_secs(1);
@@ -43,6 +46,11 @@ pub struct Settings {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub admission: Admission,
+    /// Bridge port isolation for every TAP (clients cannot reach each other).
+    pub isolation: bool,
+    /// Bytes per second per client and direction.
+    pub rate_limit: Option<u64>,
 }
 
 /// A connection still in its opening handshake.
@@ -75,7 +83,19 @@ pub struct Relay {
     bridge_index: u32,
     /// Connection ids, never reused (DHCP leases are tied to them).
     next_id: u64,
+    /// Connection id → slot, for takeovers.
+    by_id: std::collections::HashMap<u64, usize>,
+    /// Established clients per client address.
+    per_ip: std::collections::HashMap<std::net::IpAddr, usize>,
+    pending: usize,
+    /// Throttled pipes to run again: (when, slot, connection id).
+    timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize, u64)>>,
     policy: Policy,
+    /// Handshakes refused, by reason (index into `Refused::ALL`).
+    pub refused: [u64; 6],
+    /// One log limiter per refusal reason, so a flood of one kind cannot hide another.
+    refusal_log: [RateLimited; 6],
+    pending_log: RateLimited,
 }
 
 fn sock_token(i: usize) -> Token {
@@ -114,7 +134,14 @@ impl Relay {
             clients: 0,
             bridge_index: 0,
             next_id: 1,
+            by_id: Default::default(),
+            per_ip: Default::default(),
+            pending: 0,
+            timers: Default::default(),
             policy,
+            refused: [0; 6],
+            refusal_log: std::array::from_fn(|_| RateLimited::new(Duration::from_secs(10))),
+            pending_log: RateLimited::new(Duration::from_secs(10)),
         })
     }
 
@@ -138,8 +165,9 @@ impl Relay {
         let mut events = Events::with_capacity(1024);
         let mut next_tick = Instant::now() + TICK;
         loop {
+            let wake = self.timers.peek().map_or(next_tick, |t| t.0 .0.min(next_tick));
             let timeout =
-                if self.runq.is_empty() { next_tick.saturating_duration_since(Instant::now()) } else { Duration::ZERO };
+                if self.runq.is_empty() { wake.saturating_duration_since(Instant::now()) } else { Duration::ZERO };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -147,6 +175,15 @@ impl Relay {
                 return Err(e);
             }
             let now = Instant::now();
+            while let Some(std::cmp::Reverse((t, i, id))) = self.timers.peek().copied() {
+                if t > now {
+                    break;
+                }
+                self.timers.pop();
+                if matches!(&self.slots[i], Slot::Client(c) if c.id == id) {
+                    self.schedule(i);
+                }
+            }
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(now),
@@ -177,6 +214,15 @@ impl Relay {
                 }
             }
             self.run_queue(now);
+            for old in std::mem::take(&mut self.policy.takeovers) {
+                if let Some(&i) = self.by_id.get(&old) {
+                    let e = Ending::new(
+                        "its MAC was taken over by a new connection of the same client",
+                        Some(close_code::GOING_AWAY),
+                    );
+                    self.end(i, e, now);
+                }
+            }
             self.policy.after_pass();
             self.free.append(&mut self.freed);
             if now >= next_tick {
@@ -199,7 +245,11 @@ impl Relay {
         for &i in &batch {
             self.queued[i] = false;
             let Slot::Client(c) = &mut self.slots[i] else { continue };
-            match c.run(now, &mut self.pool, &mut self.policy) {
+            let progress = c.run(now, &mut self.pool, &mut self.policy);
+            if let Some(t) = c.wake_at.take() {
+                self.timers.push(std::cmp::Reverse((t, i, c.id)));
+            }
+            match progress {
                 Progress::Idle if c.closing.is_some() && c.pending_output() == 0 => {
                     let reason = c.ending.take().map_or_else(|| "closed".to_string(), |e| e.reason);
                     self.finish(i, &reason);
@@ -228,6 +278,12 @@ impl Relay {
                     return;
                 }
             };
+            if self.pending >= MAX_PENDING {
+                if let Some(held) = self.pending_log.allow(now) {
+                    log::warn!("{MAX_PENDING} handshakes pending; closing new connections ({held} more not logged)");
+                }
+                continue; // dropping `sock` closes it
+            }
             let _ = sock.set_nodelay(true);
             let i = match self.free.pop() {
                 Some(i) => i,
@@ -245,6 +301,7 @@ impl Relay {
                 continue;
             }
             self.slots[i] = Slot::Pending(Pending { sock, peer, head: Vec::new(), since: now });
+            self.pending += 1;
             log::debug!("{peer}: TCP connection accepted");
         }
     }
@@ -269,24 +326,35 @@ impl Relay {
             }
         };
         let Slot::Pending(mut p) = std::mem::replace(&mut self.slots[i], Slot::Free) else { unreachable!() };
+        self.pending -= 1;
         match outcome {
             None => {
                 log::debug!("{}: closed during handshake", p.peer);
                 self.freed.push(i);
             }
-            Some(Outcome::Refuse(r)) => self.refuse(i, p, r),
+            Some(Outcome::Refuse(r)) => self.refuse(i, p, Refused::Malformed, r, now),
             Some(Outcome::Partial) => unreachable!(),
             Some(Outcome::Upgrade(u)) => {
-                if self.clients >= MAX_CLIENTS {
-                    return self.refuse(i, p, Refusal::new(503, "wsnic: server full\n"));
+                let ip = client_ip(p.peer.ip(), u.forwarded_for.as_deref(), &self.settings.admission.trusted_proxies);
+                let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
+                if let Err((why, r)) = self.settings.admission.check(&u, self.clients, from_ip) {
+                    return self.refuse(i, p, why, r, now);
                 }
-                let tap = match Tap::create(&self.settings.tap_pattern)
-                    .and_then(|t| netlink.attach_up(t.index(), self.bridge_index).map(|()| t))
-                {
+                let isolate = self.settings.isolation;
+                let tap = match Tap::create(&self.settings.tap_pattern).and_then(|t| {
+                    if isolate {
+                        // Isolated before it is up: no frame crosses without isolation.
+                        netlink.attach_isolated_up(t.index(), self.bridge_index)?;
+                    } else {
+                        netlink.attach_up(t.index(), self.bridge_index)?;
+                    }
+                    Ok(t)
+                }) {
                     Ok(t) => t,
                     Err(e) => {
                         log::error!("{}: cannot set up a TAP device: {e}", p.peer);
-                        return self.refuse(i, p, Refusal::new(503, "wsnic: cannot create a network device\n"));
+                        let r = Refusal::new(503, "wsnic: cannot create a network device\n");
+                        return self.refuse(i, p, Refused::TapFailed, r, now);
                     }
                 };
                 // Registered only now that the device exists: frames queued for it from the
@@ -297,23 +365,36 @@ impl Relay {
                     Interest::READABLE | Interest::WRITABLE,
                 ) {
                     log::error!("{}: register TAP: {e}", p.peer);
-                    return self.refuse(i, p, Refusal::new(503, "wsnic: internal error\n"));
+                    return self.refuse(i, p, Refused::TapFailed, Refusal::new(503, "wsnic: internal error\n"), now);
                 }
-                log::info!("{} connected on {} (path {})", p.peer, tap.name(), u.target);
-                let mut c =
-                    Box::new(Pipe::new(self.next_id, p.sock, tap, p.peer, Role::Server, self.settings.max_frame, now));
+                let via = if ip == p.peer.ip() { String::new() } else { format!(" for {ip}") };
+                log::info!("{}{via} connected on {} (path {})", p.peer, tap.name(), redact(&u.target));
+                let id = self.next_id;
+                let mut c = Box::new(Pipe::new(id, p.sock, tap, p.peer, Role::Server, self.settings.max_frame, now));
+                c.client_ip = ip;
+                if let Some(rate) = self.settings.rate_limit {
+                    c.shape(rate, now);
+                }
                 c.preload(&u.response(), &p.head[u.head_len..], &mut self.pool);
                 p.head = Vec::new();
                 self.slots[i] = Slot::Client(c);
                 self.clients += 1;
                 self.next_id += 1;
+                self.by_id.insert(id, i);
+                *self.per_ip.entry(ip).or_default() += 1;
+                self.policy.opened(id, ip);
                 self.schedule(i);
             }
         }
     }
 
-    fn refuse(&mut self, i: usize, mut p: Pending, r: Refusal) {
-        log::info!("{}: handshake refused: {} {}", p.peer, r.status, r.reason);
+    fn refuse(&mut self, i: usize, mut p: Pending, why: Refused, r: Refusal, now: Instant) {
+        let k = Refused::ALL.iter().position(|x| *x == why).expect("listed");
+        self.refused[k] += 1;
+        if let Some(held) = self.refusal_log[k].allow(now) {
+            let more = if held > 0 { format!(" ({held} more refusals not logged)") } else { String::new() };
+            log::info!("{}: handshake refused: {} {} ({}){more}", p.peer, r.status, r.reason, why.label());
+        }
         log::debug!("{}: {}", p.peer, r.body.trim_end());
         // Best effort: a refusal is small and the socket buffer is empty.
         let _ = p.sock.write(&r.response());
@@ -340,7 +421,7 @@ impl Relay {
         let Slot::Client(mut c) = std::mem::replace(&mut self.slots[i], Slot::Free) else { return };
         let s = c.stats;
         log::info!(
-            "{} on {} disconnected after {:.1}s: {reason}; client→tap {} frames {} bytes, tap→client {} frames {} bytes, answered {}, dropped {} (text {}, runt {}, tap error {}, oversize {})",
+            "{} on {} disconnected after {:.1}s: {reason}; client→tap {} frames {} bytes, tap→client {} frames {} bytes, answered {}, dropped {} (text {}, runt {}, tap error {}, oversize {}, policy {})",
             c.peer,
             c.tap.name(),
             c.connected_at.elapsed().as_secs_f64(),
@@ -354,10 +435,18 @@ impl Relay {
             s.drop_runt,
             s.drop_tap_error,
             s.drop_oversize,
+            s.drop_policy,
         );
         let _ = c.sock.shutdown(Shutdown::Both);
         c.release_idle(&mut self.pool);
-        self.policy.closed(c.id);
+        self.policy.closed(c.id, &c.state);
+        self.by_id.remove(&c.id);
+        if let Some(n) = self.per_ip.get_mut(&c.client_ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&c.client_ip);
+            }
+        }
         self.clients -= 1;
         self.freed.push(i);
     }
@@ -371,6 +460,7 @@ impl Relay {
                 Slot::Pending(p) if now.saturating_duration_since(p.since) >= s.handshake_timeout => {
                     log::info!("{}: handshake not completed within {:?}; dropped", p.peer, s.handshake_timeout);
                     self.slots[i] = Slot::Free;
+                    self.pending -= 1;
                     self.freed.push(i);
                 }
                 Slot::Client(c) => {
@@ -406,5 +496,14 @@ impl Relay {
     /// Number of established clients.
     pub fn client_count(&self) -> usize {
         self.clients
+    }
+}
+
+/// The request target with any token hidden, for the log.
+fn redact(target: &str) -> String {
+    match target.split_once('?') {
+        Some((path, q)) if q.contains("token=") => format!("{path}?<redacted>"),
+        _ if target.len() > 1 => "/<path>".to_string(),
+        _ => target.to_string(),
     }
 }

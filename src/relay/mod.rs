@@ -5,5 +5,6 @@ pub mod bufpool;
 pub mod event_loop;
 pub mod pipe;
 pub mod policy;
+pub mod shaper;
 
 pub use event_loop::{Relay, Settings};

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use super::bufpool::BufPool;
+use super::shaper::Bucket;
 use crate::sys::tap::Tap;
 use crate::ws::conn::close_payload;
 use crate::ws::frame::{apply_mask, encode_header, header_len, Opcode, MAX_HEADER};
@@ -42,21 +43,33 @@ pub enum Verdict<'a> {
     /// Answered in-line: this Ethernet frame (at most [`MAX_REPLY`] bytes) goes back on the same
     /// WebSocket, and the original goes nowhere.
     Reply(&'a [u8]),
-    /// Consumed without an answer (counted as filtered).
+    /// Consumed without an answer (a DHCP message that needs none).
     Consume,
+    /// Refused by policy (spoofing); the label names the reason.
+    Drop(&'static str),
+}
+
+/// What an inspector remembers about one connection (the relay's anti-spoofing locks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnState {
+    /// The source MAC this connection is locked to.
+    pub mac: Option<[u8; 6]>,
+    /// The address DHCP bound to it, as of `epoch` of the DHCP engine.
+    pub ip: Option<std::net::Ipv4Addr>,
+    pub epoch: Option<u64>,
 }
 
 /// Looks at every frame from a WebSocket before it reaches the TAP (the relay answers DHCP
 /// here). `wsnic connect` uses [`PassThrough`].
 pub trait Inspector {
-    fn inspect(&mut self, conn: u64, frame: &[u8]) -> Verdict<'_>;
+    fn inspect(&mut self, conn: u64, state: &mut ConnState, frame: &[u8]) -> Verdict<'_>;
 }
 
 /// Forwards everything.
 pub struct PassThrough;
 
 impl Inspector for PassThrough {
-    fn inspect(&mut self, _conn: u64, _frame: &[u8]) -> Verdict<'_> {
+    fn inspect(&mut self, _conn: u64, _state: &mut ConnState, _frame: &[u8]) -> Verdict<'_> {
         Verdict::Forward
     }
 }
@@ -84,11 +97,13 @@ pub struct Stats {
     pub drop_oversize: u64,
     /// Frames answered or consumed by the inspector (DHCP) instead of going to the TAP.
     pub answered: u64,
+    /// Frames refused by policy (spoofed source MAC or address, ARP poisoning).
+    pub drop_policy: u64,
 }
 
 impl Stats {
     pub fn drops(&self) -> u64 {
-        self.drop_text + self.drop_runt + self.drop_tap_error + self.drop_oversize
+        self.drop_text + self.drop_runt + self.drop_tap_error + self.drop_oversize + self.drop_policy
     }
 }
 
@@ -137,6 +152,13 @@ pub struct Pipe {
     pub sock: TcpStream,
     pub tap: Tap,
     pub peer: SocketAddr,
+    /// The client's address (the peer, or what a trusted proxy said).
+    pub client_ip: std::net::IpAddr,
+    pub state: ConnState,
+    /// Rate shaping (WebSocket → TAP, TAP → WebSocket), when configured.
+    shaper: Option<Box<[Bucket; 2]>>,
+    /// Throttled until then: the event loop runs the pipe again at that time.
+    pub wake_at: Option<Instant>,
     pub connected_at: Instant,
     pub stats: Stats,
     pub sock_readable: bool,
@@ -180,6 +202,10 @@ impl Pipe {
             sock,
             tap,
             peer,
+            client_ip: peer.ip(),
+            state: ConnState::default(),
+            shaper: None,
+            wake_at: None,
             connected_at: now,
             stats: Stats::default(),
             sock_readable: true,
@@ -206,6 +232,30 @@ impl Pipe {
     /// Size the pool's buffers must have for frames of up to `max_frame` bytes.
     pub fn buffer_size_for(max_frame: usize) -> usize {
         (256 << 10).max(2 * tap_read_room(max_frame))
+    }
+
+    /// Shape both directions to `rate` bytes per second.
+    pub fn shape(&mut self, rate: u64, now: Instant) {
+        self.shaper = Some(Box::new([Bucket::new(rate, now), Bucket::new(rate, now)]));
+    }
+
+    /// Is direction `dir` (0: to the TAP, 1: to the WebSocket) out of tokens? Then note when
+    /// to try again.
+    fn throttled(&mut self, dir: usize, now: Instant) -> bool {
+        let Some(b) = self.shaper.as_mut() else { return false };
+        match b[dir].check(now) {
+            Ok(()) => false,
+            Err(at) => {
+                self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+                true
+            }
+        }
+    }
+
+    fn spend(&mut self, dir: usize, bytes: usize) {
+        if let Some(b) = self.shaper.as_mut() {
+            b[dir].take(bytes);
+        }
     }
 
     /// Give the TAP back (`wsnic connect` keeps it across reconnections).
@@ -357,7 +407,7 @@ impl Pipe {
         if self.tap_readable && self.outb.is_none() {
             self.outb = Some(pool.get());
         }
-        let down = self.tap_to_ws();
+        let down = self.tap_to_ws(now);
         if let Err(e) = self.flush() {
             return Progress::End(Ending::new(format!("socket error: {e}"), None));
         }
@@ -372,6 +422,9 @@ impl Pipe {
     /// Returns Ok(true) when the budget ran out with input left.
     fn ws_to_tap(&mut self, now: Instant, pool: &mut BufPool, inspector: &mut dyn Inspector) -> Result<bool, Ending> {
         for _ in 0..BUDGET {
+            if self.throttled(0, now) {
+                return Ok(false); // the socket is not read: TCP backpressure slows the client
+            }
             if self.stalled != Stalled::None && !self.retry_stalled() {
                 return Ok(false);
             }
@@ -440,7 +493,7 @@ impl Pipe {
                     Payload::Assembled => (self.ws.assembled(), Stalled::Assembled { consumed }),
                 };
                 if frame.len() >= MIN_FRAME {
-                    match inspector.inspect(self.id, frame) {
+                    match inspector.inspect(self.id, &mut self.state, frame) {
                         Verdict::Forward => {}
                         Verdict::Reply(reply) if reply.len() <= MAX_REPLY => {
                             self.queue_control(Opcode::Binary, reply, pool);
@@ -462,6 +515,12 @@ impl Pipe {
                         }
                         Verdict::Consume => {
                             self.stats.answered += 1;
+                            self.in_start += consumed;
+                            return Ok(());
+                        }
+                        Verdict::Drop(why) => {
+                            self.stats.drop_policy += 1;
+                            log::debug!("{}: frame dropped: {why}", self.peer);
                             self.in_start += consumed;
                             return Ok(());
                         }
@@ -514,6 +573,8 @@ impl Pipe {
                 Ok(_) => {
                     self.stats.to_tap_frames += 1;
                     self.stats.to_tap_bytes += frame.len() as u64;
+                    let n = frame.len();
+                    self.spend(0, n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.tap_writable = false;
@@ -531,15 +592,15 @@ impl Pipe {
     }
 
     /// Returns true when the budget ran out with the TAP still readable and room left.
-    fn tap_to_ws(&mut self) -> bool {
+    fn tap_to_ws(&mut self, now: Instant) -> bool {
         let need = tap_read_room(self.max_frame);
         let masked = self.masker.is_some();
         // Read behind room for the header of a frame of 126..65535 bytes (4 bytes, 8 when
         // masked); move the rare small or huge frame to fit its shorter or longer header.
         let guess = header_len(1500, masked);
         for _ in 0..BUDGET {
-            if !self.tap_readable {
-                return false;
+            if !self.tap_readable || self.throttled(1, now) {
+                return false; // throttled: the TAP's queue fills and drops, the guest's TCP slows
             }
             let mask = self.mask_key();
             let Some(outb) = self.outb.as_mut() else {
@@ -571,6 +632,7 @@ impl Pipe {
                     self.out_end = base + h + n;
                     self.stats.to_ws_frames += 1;
                     self.stats.to_ws_bytes += n as u64;
+                    self.spend(1, n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.tap_readable = false;

@@ -1,13 +1,15 @@
-//! The relay's look at each frame a client sends, before it reaches the TAP: a DHCP request
-//! to us is answered in-line on the same WebSocket (so no other client ever sees it), and
-//! everything else goes on. Glue between the pipe and the pure DHCP engine; it also keeps
-//! the lease file in step with the engine.
+//! The relay's look at each frame a client sends, before it reaches the TAP: anti-spoofing
+//! (a connection is locked to its first unicast source MAC and, once DHCP bound it an
+//! address, to that address — in IPv4 and in ARP), then DHCP: a request to us is answered
+//! in-line on the same WebSocket, so no other client ever sees it. Everything else goes on.
+//! Glue between the pipe and the pure DHCP engine; it also keeps the lease file in step.
 
-use std::net::Ipv4Addr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::pipe::{Inspector, Verdict};
+use super::pipe::{ConnState, Inspector, Verdict};
 use crate::dhcp::{server::Server, store, wire};
 use crate::wire::{ethernet, ipv4, udp, Mac};
 
@@ -107,14 +109,55 @@ impl Dhcp {
     }
 }
 
+/// Why a frame was refused (counter labels).
+pub mod drop_reason {
+    pub const SRC_MAC_MULTICAST: &str = "source MAC is multicast";
+    pub const SRC_MAC_CHANGED: &str = "source MAC differs from the connection's";
+    pub const MAC_IN_USE: &str = "source MAC belongs to another client";
+    pub const SRC_IP_SPOOFED: &str = "IPv4 source is not the client's address";
+    pub const ARP_SPOOFED: &str = "ARP claims an address or MAC not the client's";
+    pub const ALL: [&str; 5] = [SRC_MAC_MULTICAST, SRC_MAC_CHANGED, MAC_IN_USE, SRC_IP_SPOOFED, ARP_SPOOFED];
+}
+
 /// Per-frame decisions for the relay.
 pub struct Policy {
     pub dhcp: Option<Dhcp>,
+    pub anti_spoofing: bool,
+    /// MAC → the connection locked to it.
+    mac_owner: HashMap<Mac, u64>,
+    /// Connection → its client's address (a takeover needs the same address).
+    client_ip: HashMap<u64, IpAddr>,
+    /// Connections whose MAC a newer connection of the same client took over: to be closed.
+    pub takeovers: Vec<u64>,
+    /// Frames dropped, by reason (index into `drop_reason::ALL`).
+    pub drops: [u64; 5],
 }
 
 impl Policy {
+    pub fn new(dhcp: Option<Dhcp>, anti_spoofing: bool) -> Policy {
+        Policy {
+            dhcp,
+            anti_spoofing,
+            mac_owner: HashMap::new(),
+            client_ip: HashMap::new(),
+            takeovers: Vec::new(),
+            drops: [0; 5],
+        }
+    }
+
+    /// A client connected from `ip`.
+    pub fn opened(&mut self, conn: u64, ip: IpAddr) {
+        self.client_ip.insert(conn, ip);
+    }
+
     /// A client's connection ended.
-    pub fn closed(&mut self, conn: u64) {
+    pub fn closed(&mut self, conn: u64, state: &ConnState) {
+        self.client_ip.remove(&conn);
+        if let Some(mac) = state.mac {
+            if self.mac_owner.get(&mac) == Some(&conn) {
+                self.mac_owner.remove(&mac);
+            }
+        }
         if let Some(d) = &mut self.dhcp {
             d.server.connection_closed(conn, unix_now());
         }
@@ -133,16 +176,90 @@ impl Policy {
             d.save_if_dirty();
         }
     }
+
+    fn drop(&mut self, why: &'static str) -> Verdict<'static> {
+        if let Some(i) = drop_reason::ALL.iter().position(|r| *r == why) {
+            self.drops[i] += 1;
+        }
+        Verdict::Drop(why)
+    }
+
+    /// Anti-spoofing: Err(reason) if the frame must not pass.
+    fn guard(&mut self, conn: u64, st: &mut ConnState, frame: &[u8]) -> Result<(), &'static str> {
+        let eth = ethernet::Frame::parse(frame).ok_or(drop_reason::SRC_MAC_CHANGED)?;
+        let src = eth.src();
+        if ethernet::is_multicast(&src) {
+            return Err(drop_reason::SRC_MAC_MULTICAST);
+        }
+        match st.mac {
+            Some(m) if m != src => return Err(drop_reason::SRC_MAC_CHANGED),
+            Some(_) => {}
+            None => {
+                match self.mac_owner.get(&src).copied() {
+                    Some(other) if other != conn => {
+                        // The same MAC from the same client: a reconnect whose old socket has not
+                        // timed out yet. It takes over; the stale connection is closed. From
+                        // anyone else it is a spoofing attempt.
+                        if self.client_ip.get(&other) != self.client_ip.get(&conn) {
+                            return Err(drop_reason::MAC_IN_USE);
+                        }
+                        self.takeovers.push(other);
+                    }
+                    _ => {}
+                }
+                self.mac_owner.insert(src, conn);
+                st.mac = Some(src);
+            }
+        }
+        if let Some(d) = &self.dhcp {
+            let epoch = d.server.epoch();
+            if st.epoch != Some(epoch) {
+                st.ip = d.server.bound_ip(conn, unix_now());
+                st.epoch = Some(epoch);
+            }
+        }
+        match eth.ethertype() {
+            ethernet::ETHERTYPE_ARP => {
+                let p = eth.payload();
+                if p.len() < 28 {
+                    return Ok(()); // not an Ethernet/IPv4 ARP; nothing to claim
+                }
+                let sha = &p[8..14];
+                let spa = Ipv4Addr::new(p[14], p[15], p[16], p[17]);
+                let ip_ok = st.ip.is_none_or(|ip| spa == ip || spa.is_unspecified());
+                if sha != src || !ip_ok {
+                    return Err(drop_reason::ARP_SPOOFED);
+                }
+            }
+            ethernet::ETHERTYPE_IPV4 => {
+                if let (Some(ip), Some(pkt)) = (st.ip, ipv4::Packet::parse(eth.payload())) {
+                    let dhcp = pkt.src().is_unspecified() && dhcp_request(frame, Ipv4Addr::BROADCAST).is_some();
+                    if pkt.src() != ip && !dhcp {
+                        return Err(drop_reason::SRC_IP_SPOOFED);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 impl Inspector for Policy {
-    fn inspect(&mut self, conn: u64, frame: &[u8]) -> Verdict<'_> {
+    fn inspect(&mut self, conn: u64, st: &mut ConnState, frame: &[u8]) -> Verdict<'_> {
+        if self.anti_spoofing {
+            if let Err(why) = self.guard(conn, st, frame) {
+                return self.drop(why);
+            }
+        }
         let Some(d) = &mut self.dhcp else { return Verdict::Forward };
         let Some(req) = dhcp_request(frame, d.server_ip) else { return Verdict::Forward };
-        match d.answer(conn, &req) {
+        let verdict = match d.answer(conn, &req) {
             Some(reply) => Verdict::Reply(reply),
             None => Verdict::Consume,
-        }
+        };
+        st.epoch = None; // the exchange may have bound or released an address
+        verdict
     }
 }
 

@@ -1,8 +1,9 @@
 //! wsnic's own nftables table (family `ip`): source NAT of the bridge subnet
-//! to the uplink and forwarding rules between bridge and uplink. Every change
-//! is one `nft -f -` script, which nft applies as a single atomic kernel
-//! transaction. No other table is ever modified; other tables are only read,
-//! to warn about forward chains that would drop wsnic's traffic.
+//! to the uplink, forwarding rules between bridge and uplink and, optionally,
+//! an egress policy for traffic entering from the bridge. Every change is one
+//! `nft -f -` script, which nft applies as a single atomic kernel transaction.
+//! No other table is ever modified; other tables are only read, to warn about
+//! forward chains that would drop wsnic's traffic.
 
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
@@ -19,25 +20,100 @@ pub struct NatRules<'a> {
     pub uplink: Option<&'a str>,
     pub masquerade: bool,
     pub restrict_inbound: bool,
+    /// Clients must not reach each other. Bridge port isolation stops frames
+    /// between ports, but a client can still send a packet to another client's
+    /// address through the gateway's MAC, and the host routes it back out of
+    /// the bridge; this drops such bridge → bridge forwarding.
+    pub client_isolation: bool,
+    /// Restrict where clients may go; `None` leaves them unrestricted.
+    pub egress: Option<Egress<'a>>,
 }
+
+/// Egress policy for traffic entering from the bridge: to the host only DHCP,
+/// DNS and ICMP to the gateway address (plus replies and `allow`); forwarded
+/// only to the uplink, and not to private, special or `deny` ranges unless in
+/// `allow`. `allow` and `deny` are `(network, prefix length)` pairs.
+#[derive(Debug, Clone, Copy)]
+pub struct Egress<'a> {
+    pub gateway: Ipv4Addr,
+    pub allow: &'a [(Ipv4Addr, u8)],
+    pub deny: &'a [(Ipv4Addr, u8)],
+}
+
+/// Destinations clients never reach through the forward chain when the egress
+/// policy is on (unless in its `allow` list): "this network", RFC 1918, CGNAT,
+/// loopback, link-local (including 169.254.169.254, cloud metadata), multicast,
+/// reserved and the limited broadcast address.
+pub const DENIED_BY_DEFAULT: [(Ipv4Addr, u8); 10] = [
+    (Ipv4Addr::new(0, 0, 0, 0), 8),
+    (Ipv4Addr::new(10, 0, 0, 0), 8),
+    (Ipv4Addr::new(100, 64, 0, 0), 10),
+    (Ipv4Addr::new(127, 0, 0, 0), 8),
+    (Ipv4Addr::new(169, 254, 0, 0), 16),
+    (Ipv4Addr::new(172, 16, 0, 0), 12),
+    (Ipv4Addr::new(192, 168, 0, 0), 16),
+    (Ipv4Addr::new(224, 0, 0, 0), 4),
+    (Ipv4Addr::new(240, 0, 0, 0), 4),
+    (Ipv4Addr::new(255, 255, 255, 255), 32),
+];
 
 /// The complete nft script for `r`: it creates the table if missing, deletes
 /// it, and defines it afresh, so applying it atomically replaces any previous
 /// version (e.g. one left behind by a crashed run).
+///
+/// Bridge → bridge forwarding (`iifname` and `oifname` both the bridge) is
+/// either a client routing to another client through the gateway, or, when
+/// `br_netfilter` is loaded (Docker loads it) with `bridge-nf-call-iptables`
+/// set, ordinary bridged traffic inside the subnet. With client isolation it
+/// is dropped (bridged traffic between isolated ports never reaches the hook);
+/// without, the egress policy lets it through before its private-range drops.
 pub fn render(r: &NatRules) -> String {
     let NatRules { table, bridge, .. } = *r;
     let prefix = r.prefix.min(32);
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-    let net = Ipv4Addr::from(u32::from(r.subnet) & mask);
+    let net = cidr(r.subnet, prefix);
 
     let mut s = format!("table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n");
     s.push_str("\tchain postrouting {\n");
     s.push_str("\t\ttype nat hook postrouting priority srcnat; policy accept;\n");
     if let (true, Some(up)) = (r.masquerade, r.uplink) {
-        let _ = writeln!(s, "\t\tip saddr {net}/{prefix} oifname \"{up}\" masquerade");
+        let _ = writeln!(s, "\t\tip saddr {net} oifname \"{up}\" masquerade");
     }
-    s.push_str("\t}\n\tchain forward {\n");
+    s.push_str("\t}\n");
+    if let Some(e) = &r.egress {
+        let from = format!("\t\tiifname \"{bridge}\"");
+        let gw = e.gateway;
+        s.push_str("\tchain input {\n");
+        s.push_str("\t\ttype filter hook input priority filter; policy accept;\n");
+        let _ = writeln!(s, "{from} ct state established,related accept");
+        let _ = writeln!(s, "{from} ip daddr {gw} udp dport {{ 53, 67 }} accept");
+        let _ = writeln!(s, "{from} ip daddr 255.255.255.255 udp dport 67 accept");
+        let _ = writeln!(s, "{from} ip daddr {gw} tcp dport 53 accept");
+        let _ = writeln!(s, "{from} ip daddr {gw} ip protocol icmp accept");
+        if !e.allow.is_empty() {
+            let _ = writeln!(s, "{from} ip daddr {} accept", set(e.allow));
+        }
+        let _ = writeln!(s, "{from} drop");
+        s.push_str("\t}\n");
+    }
+    s.push_str("\tchain forward {\n");
     s.push_str("\t\ttype filter hook forward priority filter; policy accept;\n");
+    if r.client_isolation {
+        let _ = writeln!(s, "\t\tiifname \"{bridge}\" oifname \"{bridge}\" drop");
+    }
+    if let Some(e) = &r.egress {
+        let from = format!("\t\tiifname \"{bridge}\"");
+        let _ = writeln!(s, "{from} ct state established,related accept");
+        if !r.client_isolation {
+            let _ = writeln!(s, "{from} oifname \"{bridge}\" accept");
+        }
+        if !e.allow.is_empty() {
+            let _ = writeln!(s, "{from} ip daddr {} accept", set(e.allow));
+        }
+        if !e.deny.is_empty() {
+            let _ = writeln!(s, "{from} ip daddr {} drop", set(e.deny));
+        }
+        let _ = writeln!(s, "{from} ip daddr {} drop", set(&DENIED_BY_DEFAULT));
+    }
     if let Some(up) = r.uplink {
         let _ = writeln!(s, "\t\tiifname \"{bridge}\" oifname \"{up}\" accept");
         let _ = writeln!(s, "\t\tiifname \"{up}\" oifname \"{bridge}\" ct state established,related accept");
@@ -45,8 +121,25 @@ pub fn render(r: &NatRules) -> String {
             let _ = writeln!(s, "\t\tiifname \"{up}\" oifname \"{bridge}\" drop");
         }
     }
+    if r.egress.is_some() {
+        let _ = writeln!(s, "\t\tiifname \"{bridge}\" drop");
+    }
     s.push_str("\t}\n}\n");
     s
+}
+
+/// `addr/prefix` with the host bits cleared.
+fn cidr(addr: Ipv4Addr, prefix: u8) -> String {
+    let prefix = prefix.min(32);
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    format!("{}/{prefix}", Ipv4Addr::from(u32::from(addr) & mask))
+}
+
+/// An anonymous nft set of networks, e.g. `{ 10.0.0.0/8, 192.0.2.7/32 }`.
+/// nft merges overlapping intervals of anonymous sets itself.
+fn set(nets: &[(Ipv4Addr, u8)]) -> String {
+    let items: Vec<String> = nets.iter().map(|&(a, p)| cidr(a, p)).collect();
+    format!("{{ {} }}", items.join(", "))
 }
 
 /// Atomically create or replace wsnic's table with the rules `r` describes.
@@ -56,8 +149,11 @@ pub fn apply(r: &NatRules) -> io::Result<()> {
     if let Some(up) = r.uplink {
         check_ifname(up)?;
     }
-    if r.prefix > 32 {
-        return Err(invalid(format!("invalid IPv4 prefix length /{}", r.prefix)));
+    let egress_nets = r.egress.iter().flat_map(|e| e.allow.iter().chain(e.deny));
+    for &(addr, prefix) in std::iter::once(&(r.subnet, r.prefix)).chain(egress_nets) {
+        if prefix > 32 {
+            return Err(invalid(format!("invalid IPv4 prefix length {addr}/{prefix}")));
+        }
     }
     nft(&["-f", "-"], Some(&render(r))).map(drop)
 }
@@ -406,7 +502,101 @@ mod tests {
             uplink,
             masquerade,
             restrict_inbound,
+            client_isolation: false,
+            egress: None,
         }
+    }
+
+    const ALLOW: [(Ipv4Addr, u8); 2] = [(Ipv4Addr::new(192, 168, 1, 0), 24), (Ipv4Addr::new(10, 1, 2, 3), 32)];
+    const DENY: [(Ipv4Addr, u8); 1] = [(Ipv4Addr::new(203, 0, 113, 0), 24)];
+
+    fn egress<'a>(allow: &'a [(Ipv4Addr, u8)], deny: &'a [(Ipv4Addr, u8)]) -> Option<Egress<'a>> {
+        Some(Egress { gateway: Ipv4Addr::new(10, 0, 2, 1), allow, deny })
+    }
+
+    #[test]
+    fn render_egress() {
+        let mut r = rules(Some("eth0"), true, true);
+        r.egress = egress(&ALLOW, &DENY);
+        assert_eq!(
+            render(&r),
+            "table ip wsnic\n\
+             delete table ip wsnic\n\
+             table ip wsnic {\n\
+             \tchain postrouting {\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip saddr 10.0.2.0/24 oifname \"eth0\" masquerade\n\
+             \t}\n\
+             \tchain input {\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tiifname \"wsbr0\" ct state established,related accept\n\
+             \t\tiifname \"wsbr0\" ip daddr 10.0.2.1 udp dport { 53, 67 } accept\n\
+             \t\tiifname \"wsbr0\" ip daddr 255.255.255.255 udp dport 67 accept\n\
+             \t\tiifname \"wsbr0\" ip daddr 10.0.2.1 tcp dport 53 accept\n\
+             \t\tiifname \"wsbr0\" ip daddr 10.0.2.1 ip protocol icmp accept\n\
+             \t\tiifname \"wsbr0\" ip daddr { 192.168.1.0/24, 10.1.2.3/32 } accept\n\
+             \t\tiifname \"wsbr0\" drop\n\
+             \t}\n\
+             \tchain forward {\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tiifname \"wsbr0\" ct state established,related accept\n\
+             \t\tiifname \"wsbr0\" oifname \"wsbr0\" accept\n\
+             \t\tiifname \"wsbr0\" ip daddr { 192.168.1.0/24, 10.1.2.3/32 } accept\n\
+             \t\tiifname \"wsbr0\" ip daddr { 203.0.113.0/24 } drop\n\
+             \t\tiifname \"wsbr0\" ip daddr { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, \
+             169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/4, 240.0.0.0/4, 255.255.255.255/32 } drop\n\
+             \t\tiifname \"wsbr0\" oifname \"eth0\" accept\n\
+             \t\tiifname \"eth0\" oifname \"wsbr0\" ct state established,related accept\n\
+             \t\tiifname \"eth0\" oifname \"wsbr0\" drop\n\
+             \t\tiifname \"wsbr0\" drop\n\
+             \t}\n\
+             }\n"
+        );
+    }
+
+    #[test]
+    fn render_egress_edge_cases() {
+        // Empty lists: no rule with an empty set (a syntax error in nft).
+        let mut r = rules(Some("eth0"), false, false);
+        r.egress = egress(&[], &[]);
+        let s = render(&r);
+        assert!(!s.contains("{  }") && !s.contains("{ }"), "{s}");
+        assert_eq!(s.matches("ip daddr {").count(), 1, "{s}"); // the built-in ranges
+        assert!(!s.contains("policy drop"));
+        // Host bits are cleared; the last forward rule drops everything else from the bridge.
+        let odd = [(Ipv4Addr::new(192, 0, 2, 77), 24)];
+        r.egress = egress(&odd, &odd);
+        let s = render(&r);
+        assert!(s.contains("ip daddr { 192.0.2.0/24 } accept\n") && s.contains("ip daddr { 192.0.2.0/24 } drop\n"));
+        assert!(s.ends_with("\t\tiifname \"wsbr0\" drop\n\t}\n}\n"), "{s}");
+        // Without an uplink nothing is forwarded from the bridge but the allow list.
+        let mut r = rules(None, true, true);
+        r.egress = egress(&ALLOW, &[]);
+        let s = render(&r);
+        assert!(!s.contains("oifname \"eth0\""));
+        assert!(s.contains("\t\tiifname \"wsbr0\" ip daddr { 192.168.1.0/24, 10.1.2.3/32 } accept\n"));
+        assert!(s.ends_with("\t\tiifname \"wsbr0\" drop\n\t}\n}\n"), "{s}");
+        let mut r = rules(Some("eth0"), true, true);
+        let bad = [(Ipv4Addr::new(1, 2, 3, 4), 33)];
+        r.egress = egress(&[], &bad);
+        assert_eq!(apply(&r).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn render_client_isolation() {
+        let mut r = rules(Some("eth0"), true, true);
+        r.client_isolation = true;
+        let s = render(&r);
+        let fwd = s.split("chain forward {\n").nth(1).unwrap();
+        let first_rule = fwd.lines().nth(1).unwrap();
+        assert_eq!(first_rule, "\t\tiifname \"wsbr0\" oifname \"wsbr0\" drop");
+        assert!(!s.contains("chain input"));
+        // With the egress policy: dropped before anything else, never accepted.
+        r.egress = egress(&ALLOW, &DENY);
+        let s = render(&r);
+        let fwd = s.split("chain forward {\n").nth(1).unwrap();
+        assert_eq!(fwd.lines().nth(1).unwrap(), first_rule);
+        assert!(!s.contains("oifname \"wsbr0\" accept"), "{s}");
     }
 
     #[test]

@@ -440,3 +440,33 @@ impl Guest {
         Some(ip)
     }
 }
+
+/// Open a WebSocket by hand with `path` and extra header lines (each ending in CRLF). Returns
+/// the response's status code and the stream (open on 101, closed by the server otherwise).
+pub fn handshake_with(ns: &Netns, path: &str, extra_headers: &str) -> (u16, TcpStream) {
+    let mut s = ns.tcp("127.0.0.1:8070");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, s)
+}
+
+impl Guest {
+    /// A guest over an already upgraded stream (see [`handshake_with`]).
+    pub fn over(stream: TcpStream, mac: [u8; 6]) -> Guest {
+        let ws = WebSocket::from_raw_socket(stream, tungstenite::protocol::Role::Client, None);
+        Guest { ws, mac, ip: Ipv4Addr::UNSPECIFIED }
+    }
+}

@@ -1,0 +1,182 @@
+//! Who may open a connection, decided from the handshake alone, pure: the client's real
+//! address (X-Forwarded-For, only from a trusted proxy), the Origin check, the token, and the
+//! client limits. A refusal carries the HTTP status, the text sent, and a reason for counters.
+
+use std::net::IpAddr;
+
+use sha1::{Digest, Sha1};
+
+use crate::config::IpCidr;
+use crate::ws::handshake::{Refusal, Upgrade};
+
+/// Why a handshake was refused (a counter label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refused {
+    Malformed,
+    Origin,
+    Token,
+    ServerFull,
+    PerIpLimit,
+    TapFailed,
+}
+
+impl Refused {
+    pub const ALL: [Refused; 6] = [
+        Refused::Malformed,
+        Refused::Origin,
+        Refused::Token,
+        Refused::ServerFull,
+        Refused::PerIpLimit,
+        Refused::TapFailed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::Malformed => "malformed",
+            Refused::Origin => "origin",
+            Refused::Token => "token",
+            Refused::ServerFull => "server_full",
+            Refused::PerIpLimit => "per_ip_limit",
+            Refused::TapFailed => "tap_failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    pub max_clients: usize,
+    pub max_per_ip: usize,
+    pub trusted_proxies: Vec<IpCidr>,
+    /// Empty: any origin.
+    pub allowed_origins: Vec<String>,
+    pub token: Option<String>,
+}
+
+/// The client's address: the TCP peer, unless the peer is a trusted proxy, in which case the
+/// right-most address of X-Forwarded-For that is not itself a trusted proxy.
+pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpCidr]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let Some(xff) = forwarded_for else { return peer };
+    let mut client = peer;
+    for hop in xff.rsplit(',').map(str::trim) {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !is_trusted(ip) {
+                    break;
+                }
+            }
+            Err(_) => break, // garbage: stop at the last address we could read
+        }
+    }
+    client
+}
+
+/// Compare secrets in time that depends on neither their contents nor their lengths.
+fn same_secret(a: &str, b: &str) -> bool {
+    let (x, y) = (Sha1::digest(a.as_bytes()), Sha1::digest(b.as_bytes()));
+    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
+}
+
+/// The token a client presented: `?token=…` in the query, or the whole path `/…`.
+fn presented_tokens(target: &str) -> impl Iterator<Item = &str> {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let from_query = query.split('&').filter_map(|kv| kv.strip_prefix("token="));
+    from_query.chain(path.strip_prefix('/').filter(|p| !p.is_empty()))
+}
+
+impl Admission {
+    /// Judge an upgrade from `ip` (already resolved with [`client_ip`]) when `clients` are
+    /// connected in all and `from_ip` from that address.
+    pub fn check(&self, up: &Upgrade, clients: usize, from_ip: usize) -> Result<(), (Refused, Refusal)> {
+        if !self.allowed_origins.is_empty() {
+            let ok =
+                up.origin.as_deref().is_some_and(|o| self.allowed_origins.iter().any(|a| a == o.trim_end_matches('/')));
+            if !ok {
+                return Err((Refused::Origin, Refusal::new(403, "wsnic: this origin may not connect\n")));
+            }
+        }
+        if let Some(token) = &self.token {
+            // Check every candidate, so the time taken does not say which one was close.
+            let ok = presented_tokens(&up.target).fold(false, |ok, t| same_secret(t, token) | ok);
+            if !ok {
+                let mut r = Refusal::new(401, "wsnic: a valid token is required (?token=...)\n");
+                r.headers = "WWW-Authenticate: Bearer realm=\"wsnic\"\r\n";
+                return Err((Refused::Token, r));
+            }
+        }
+        if clients >= self.max_clients {
+            let mut r = Refusal::new(503, "wsnic: server full, try again later\n");
+            r.headers = "Retry-After: 30\r\n";
+            return Err((Refused::ServerFull, r));
+        }
+        if from_ip >= self.max_per_ip {
+            return Err((Refused::PerIpLimit, Refusal::new(429, "wsnic: too many connections from your address\n")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(target: &str, origin: Option<&str>) -> Upgrade {
+        Upgrade {
+            head_len: 0,
+            target: target.into(),
+            origin: origin.map(Into::into),
+            forwarded_for: None,
+            accept: String::new(),
+        }
+    }
+
+    fn adm() -> Admission {
+        Admission { max_clients: 10, max_per_ip: 2, ..Default::default() }
+    }
+
+    #[test]
+    fn limits() {
+        assert!(adm().check(&up("/", None), 9, 1).is_ok());
+        assert_eq!(adm().check(&up("/", None), 10, 0).unwrap_err().1.status, 503);
+        assert_eq!(adm().check(&up("/", None), 3, 2).unwrap_err().1.status, 429);
+    }
+
+    #[test]
+    fn origins() {
+        let a = Admission { allowed_origins: vec!["https://copy.sh".into()], ..adm() };
+        assert!(a.check(&up("/", Some("https://copy.sh")), 0, 0).is_ok());
+        assert!(a.check(&up("/", Some("https://copy.sh/")), 0, 0).is_ok());
+        assert_eq!(a.check(&up("/", Some("https://evil.example")), 0, 0).unwrap_err().0, Refused::Origin);
+        assert_eq!(a.check(&up("/", None), 0, 0).unwrap_err().1.status, 403);
+    }
+
+    #[test]
+    fn tokens() {
+        let a = Admission { token: Some("s3cret".into()), ..adm() };
+        assert!(a.check(&up("/?token=s3cret", None), 0, 0).is_ok());
+        assert!(a.check(&up("/?x=1&token=s3cret", None), 0, 0).is_ok());
+        assert!(a.check(&up("/s3cret", None), 0, 0).is_ok());
+        for bad in ["/", "/?token=", "/?token=s3cre", "/?token=s3cret2", "/S3CRET", "/s3cret/", "/x?token=nope"] {
+            let (why, r) = a.check(&up(bad, None), 0, 0).unwrap_err();
+            assert_eq!((why, r.status), (Refused::Token, 401), "{bad}");
+        }
+        // The token is checked before the limits: a full server does not reveal itself to strangers.
+        assert_eq!(a.check(&up("/", None), 10, 5).unwrap_err().0, Refused::Token);
+    }
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let trusted: Vec<IpCidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_ip(ip("203.0.113.9"), Some("1.2.3.4"), &trusted), ip("203.0.113.9"));
+        assert_eq!(client_ip(ip("10.0.0.1"), Some("1.2.3.4"), &trusted), ip("1.2.3.4"));
+        // A client cannot smuggle an address in front: the right-most untrusted hop counts.
+        assert_eq!(client_ip(ip("10.0.0.1"), Some("6.6.6.6, 1.2.3.4, 10.0.0.2"), &trusted), ip("1.2.3.4"));
+        assert_eq!(client_ip(ip("10.0.0.1"), None, &trusted), ip("10.0.0.1"));
+        assert_eq!(client_ip(ip("10.0.0.1"), Some("garbage"), &trusted), ip("10.0.0.1"));
+    }
+}
