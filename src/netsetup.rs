@@ -249,6 +249,22 @@ fn disable_ipv6(ifname: &str) -> String {
     format!("net/ipv6/conf/{ifname}/disable_ipv6")
 }
 
+/// Does another live wsnic (with another bridge) have a state file in this namespace?
+fn other_instance_running(bridge: &str) -> bool {
+    let Ok(id) = crate::sys::netns_id() else { return false };
+    let prefix = format!("netns{id}-");
+    let Ok(dir) = std::fs::read_dir(STATE_DIR) else { return false };
+    dir.filter_map(Result::ok).any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.starts_with(&prefix)
+            && name != format!("{prefix}{bridge}.state")
+            && std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|t| Record::parse(&t))
+                .is_some_and(|r| pid_is_wsnic(r.pid))
+    })
+}
+
 /// Undo what `r` records; every step is idempotent and failures are logged, not fatal.
 fn undo(nl: &mut Netlink, r: &Record) {
     if let Err(e) = firewall::remove(&r.table) {
@@ -276,8 +292,13 @@ fn undo(nl: &mut Netlink, r: &Record) {
         Err(e) => log::error!("netlink: {e}"),
     }
     if let Some(v) = &r.ip_forward_before {
-        if let Err(e) = sysctl::write(IP_FORWARD, v) {
-            log::error!("restoring {IP_FORWARD}={v}: {e}");
+        // Put it back only if it is still what we set, and no other wsnic in this namespace
+        // (another bridge) still needs forwarding.
+        let still_ours = sysctl::read(IP_FORWARD).is_ok_and(|now| now == "1");
+        if still_ours && !other_instance_running(&r.bridge) {
+            if let Err(e) = sysctl::write(IP_FORWARD, v) {
+                log::error!("restoring {IP_FORWARD}={v}: {e}");
+            }
         }
     }
 }

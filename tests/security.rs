@@ -92,12 +92,31 @@ fn spoofing_is_dropped_and_the_victim_is_unaffected() {
     // …and the victim's own traffic flows.
     victim.send(frames::icmp_echo(8, mac(1), gw_mac, v_ip, GW, 0x60, 1, b"mine"));
     assert!(victim.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((GW, v_ip, 0, 0x60, 1))).is_some());
+    // 4. DHCP in the victim's name (its chaddr, from the attacker's own MAC): no answer, and
+    //    the victim keeps its lease.
+    let mut theft = frames::dhcp_client(1, mac(1), 0x77, Some(v_ip), None, Ipv4Addr::UNSPECIFIED);
+    theft[6..12].copy_from_slice(&mac(2));
+    att.send(theft);
+    assert!(att.recv_until(SEC, |f| frames::dhcp_reply(f, 0x77).is_some()).is_none(), "DHCP answered a thief");
     // The attacker's honest traffic still works.
     att.send(frames::icmp_echo(8, mac(2), gw_mac, a_ip, GW, 0x61, 1, b"honest"));
     assert!(att.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((GW, a_ip, 0, 0x61, 1))).is_some());
     drop(att);
-    let log = w.wait_log("policy 3", 5 * SEC);
-    assert!(log.contains("policy 3"), "{log}");
+    let log = w.wait_log("policy 4", 5 * SEC);
+    assert!(log.contains("policy 4"), "{log}");
+    assert_eq!(victim.dhcp(3), Some(v_ip), "the victim's lease survived");
+
+    // A client without a lease may still not claim the gateway's address, nor hide behind a
+    // VLAN tag.
+    let mut third = Guest::connect(&ns, mac(3), Ipv4Addr::UNSPECIFIED);
+    third.send(frames::arp_request(mac(3), GW, GW));
+    let mut tagged = frames::arp_request(mac(3), Ipv4Addr::new(192, 168, 2, 99), GW);
+    tagged.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+    third.send(tagged);
+    third.send(frames::arp_request(mac(3), Ipv4Addr::new(192, 168, 2, 99), GW)); // honest
+    assert!(third.recv_until(5 * SEC, |f| frames::arp_reply_from(f, GW).is_some()).is_some());
+    drop(third);
+    w.wait_log("policy 2)", 5 * SEC);
 }
 
 #[test]

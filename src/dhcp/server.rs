@@ -124,6 +124,19 @@ impl Record {
     }
 }
 
+/// The lease key of `msg`: its client identifier, else htype followed by the MAC.
+fn client_key<'a>(msg: &'a Message, chaddr: [u8; 6], buf: &'a mut [u8; 7]) -> Option<&'a [u8]> {
+    match msg.client_id() {
+        Some(id) if id.len() > MAX_CLIENT_ID => None,
+        Some(id) if !id.is_empty() => Some(id),
+        _ => {
+            buf[0] = msg.htype;
+            buf[1..].copy_from_slice(&chaddr);
+            Some(&buf[..])
+        }
+    }
+}
+
 /// The DHCP server state. See the module documentation.
 #[derive(Debug)]
 pub struct Server {
@@ -265,6 +278,24 @@ impl Server {
         (r.bound && r.lease.conn == Some(conn) && r.lease.expires >= now).then(|| Ipv4Addr::from(ip))
     }
 
+    /// The live connection, other than `conn`, that holds the lease `msg`'s client asks
+    /// about (by client identifier or MAC). The relay refuses such a message unless it is the
+    /// same client reconnecting: otherwise one client could name another's key and take its
+    /// address, or release it.
+    pub fn key_held_elsewhere(&self, conn: ConnId, msg: &Message) -> Option<ConnId> {
+        let chaddr = msg.client_mac()?;
+        let mut key_buf = [0u8; 7];
+        let key = client_key(msg, chaddr, &mut key_buf)?;
+        let ip = self.by_key.get(key)?;
+        self.records.get(ip)?.lease.conn.filter(|&c| c != conn)
+    }
+
+    /// Is `ip` bound to a live connection other than `conn` (or reserved for another MAC)?
+    pub fn held_by_other(&self, ip: Ipv4Addr, conn: ConnId, now: u64) -> bool {
+        let ip = u32::from(ip);
+        self.records.get(&ip).is_some_and(|r| r.pinned(now) && r.lease.conn != Some(conn))
+    }
+
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
     }
@@ -357,15 +388,7 @@ impl Server {
         }
         let chaddr = msg.client_mac()?;
         let mut key_buf = [0u8; 7];
-        let key: &[u8] = match msg.client_id() {
-            Some(id) if id.len() > MAX_CLIENT_ID => return None,
-            Some(id) if !id.is_empty() => id,
-            _ => {
-                key_buf[0] = msg.htype;
-                key_buf[1..].copy_from_slice(&chaddr);
-                &key_buf
-            }
-        };
+        let key = client_key(msg, chaddr, &mut key_buf)?;
         let ty = msg.message_type()?;
         let ours = msg.server_id().is_none_or(|s| s == self.cfg.server_ip);
         log::debug!(

@@ -78,6 +78,7 @@ pub struct Relay {
     /// Slots emptied during this pass; reusable only after it (stale events may follow).
     freed: Vec<usize>,
     runq: Vec<usize>,
+    runq_spare: Vec<usize>,
     pool: BufPool,
     clients: usize,
     bridge_index: u32,
@@ -130,6 +131,7 @@ impl Relay {
             free: Vec::new(),
             freed: Vec::new(),
             runq: Vec::new(),
+            runq_spare: Vec::new(),
             pool,
             clients: 0,
             bridge_index: 0,
@@ -241,7 +243,7 @@ impl Relay {
 
     /// Serve every queued client once; those with work left stay queued for the next pass.
     fn run_queue(&mut self, now: Instant) {
-        let batch = std::mem::take(&mut self.runq);
+        let batch = std::mem::replace(&mut self.runq, std::mem::take(&mut self.runq_spare));
         for &i in &batch {
             self.queued[i] = false;
             let Slot::Client(c) = &mut self.slots[i] else { continue };
@@ -261,9 +263,7 @@ impl Relay {
         }
         let mut batch = batch;
         batch.clear();
-        if self.runq.is_empty() {
-            self.runq = batch; // keep the allocation
-        }
+        self.runq_spare = batch; // two vectors, swapped: no allocation per pass
     }
 
     fn accept(&mut self, now: Instant) {
@@ -437,7 +437,8 @@ impl Relay {
             s.drop_oversize,
             s.drop_policy,
         );
-        let _ = c.sock.shutdown(Shutdown::Both);
+        c.drain_input();
+        let _ = c.sock.shutdown(Shutdown::Write);
         c.release_idle(&mut self.pool);
         self.policy.closed(c.id, &c.state);
         self.by_id.remove(&c.id);

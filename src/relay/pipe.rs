@@ -159,6 +159,8 @@ pub struct Pipe {
     shaper: Option<Box<[Bucket; 2]>>,
     /// Throttled until then: the event loop runs the pipe again at that time.
     pub wake_at: Option<Instant>,
+    /// The TAP failed (device gone, I/O error): the connection must end.
+    tap_failed: Option<io::Error>,
     pub connected_at: Instant,
     pub stats: Stats,
     pub sock_readable: bool,
@@ -206,6 +208,7 @@ impl Pipe {
             state: ConnState::default(),
             shaper: None,
             wake_at: None,
+            tap_failed: None,
             connected_at: now,
             stats: Stats::default(),
             sock_readable: true,
@@ -400,6 +403,10 @@ impl Pipe {
                 Ok(()) => Progress::Idle,
             };
         }
+        // Flush first: room made here lets both directions go on in this pass.
+        if let Err(e) = self.flush() {
+            return Progress::End(Ending::new(format!("socket error: {e}"), None));
+        }
         let up = match self.ws_to_tap(now, pool, inspector) {
             Ok(again) => again,
             Err(end) => return Progress::End(end),
@@ -408,14 +415,36 @@ impl Pipe {
             self.outb = Some(pool.get());
         }
         let down = self.tap_to_ws(now);
+        if let Some(e) = self.tap_failed.take() {
+            return Progress::End(Ending::new(
+                format!("TAP {} failed: {e}", self.tap.name()),
+                Some(close_code::INTERNAL),
+            ));
+        }
+        let before = self.pending_output();
         if let Err(e) = self.flush() {
             return Progress::End(Ending::new(format!("socket error: {e}"), None));
         }
+        // A direction that stopped for want of output room may go on now that the flush made
+        // some: no readiness event would come for it (edge-triggered), so run again.
+        let room_made = self.pending_output() < before && (self.tap_readable || self.sock_readable);
         self.release_idle(pool);
-        if up || down {
+        if up || down || room_made {
             Progress::Again
         } else {
             Progress::Idle
+        }
+    }
+
+    /// Before closing: discard what the client sent that was never read, so that closing
+    /// does not answer with a TCP reset that would destroy our queued Close frame in flight.
+    pub fn drain_input(&mut self) {
+        let mut sink = [0u8; 4096];
+        for _ in 0..16 {
+            match self.sock.read(&mut sink) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
         }
     }
 
@@ -429,9 +458,11 @@ impl Pipe {
                 return Ok(false);
             }
             // A control frame may need an answer: keep room for it, or wait for the socket.
-            self.compact_out();
             if self.out_room() < CONTROL_ROOM {
-                return Ok(false);
+                self.compact_out();
+                if self.out_room() < CONTROL_ROOM {
+                    return Ok(false);
+                }
             }
             let inb = self.inb.get_or_insert_with(|| pool.get());
             let parsed = self.ws.parse(&mut inb[self.in_start..self.in_end]);
@@ -580,6 +611,10 @@ impl Pipe {
                     self.tap_writable = false;
                     return false;
                 }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBADFD | libc::EIO | libc::ENODEV | libc::ENXIO)) => {
+                    self.tap_failed = Some(e);
+                    return false;
+                }
                 Err(e) => {
                     self.stats.drop_tap_error += 1;
                     log::debug!("{}: {} refused a frame of {} bytes: {e}", self.peer, self.tap.name(), frame.len());
@@ -640,8 +675,8 @@ impl Pipe {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    log::warn!("{}: reading {}: {e}", self.peer, self.tap.name());
                     self.tap_readable = false;
+                    self.tap_failed = Some(e);
                     return false;
                 }
             }

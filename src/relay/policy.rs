@@ -75,15 +75,8 @@ impl Dhcp {
         }
     }
 
-    fn answer(&mut self, conn: u64, req: &DhcpRequest) -> Option<&[u8]> {
-        let msg = match wire::decode(req.payload) {
-            Ok(m) => m,
-            Err(e) => {
-                log::debug!("malformed DHCP message from {}: {e}", crate::sys::format_mac(&req.src_mac));
-                return None;
-            }
-        };
-        let reply = self.server.handle(conn, req.src_mac, req.broadcast, &msg, unix_now())?;
+    fn answer(&mut self, conn: u64, req: &DhcpRequest, msg: &wire::Message) -> Option<&[u8]> {
+        let reply = self.server.handle(conn, req.src_mac, req.broadcast, msg, unix_now())?;
         self.payload.clear();
         wire::encode(&reply.msg, &mut self.payload);
         self.frame.clear();
@@ -116,7 +109,10 @@ pub mod drop_reason {
     pub const MAC_IN_USE: &str = "source MAC belongs to another client";
     pub const SRC_IP_SPOOFED: &str = "IPv4 source is not the client's address";
     pub const ARP_SPOOFED: &str = "ARP claims an address or MAC not the client's";
-    pub const ALL: [&str; 5] = [SRC_MAC_MULTICAST, SRC_MAC_CHANGED, MAC_IN_USE, SRC_IP_SPOOFED, ARP_SPOOFED];
+    pub const VLAN_TAGGED: &str = "VLAN-tagged frame";
+    pub const DHCP_SPOOFED: &str = "DHCP for another client's MAC or lease";
+    pub const ALL: [&str; 7] =
+        [SRC_MAC_MULTICAST, SRC_MAC_CHANGED, MAC_IN_USE, SRC_IP_SPOOFED, ARP_SPOOFED, VLAN_TAGGED, DHCP_SPOOFED];
 }
 
 /// Per-frame decisions for the relay.
@@ -130,7 +126,7 @@ pub struct Policy {
     /// Connections whose MAC a newer connection of the same client took over: to be closed.
     pub takeovers: Vec<u64>,
     /// Frames dropped, by reason (index into `drop_reason::ALL`).
-    pub drops: [u64; 5],
+    pub drops: [u64; 7],
 }
 
 impl Policy {
@@ -141,7 +137,7 @@ impl Policy {
             mac_owner: HashMap::new(),
             client_ip: HashMap::new(),
             takeovers: Vec::new(),
-            drops: [0; 5],
+            drops: [0; 7],
         }
     }
 
@@ -218,6 +214,12 @@ impl Policy {
                 st.epoch = Some(epoch);
             }
         }
+        // May this connection use `a` as a source address? Its DHCP address if it has one;
+        // without one, anything but the gateway's and addresses bound to other clients.
+        let may_claim = |a: Ipv4Addr, dhcp: &Option<Dhcp>| match st.ip {
+            Some(ip) => a == ip,
+            None => dhcp.as_ref().is_none_or(|d| a != d.server_ip && !d.server.held_by_other(a, conn, unix_now())),
+        };
         match eth.ethertype() {
             ethernet::ETHERTYPE_ARP => {
                 let p = eth.payload();
@@ -226,19 +228,22 @@ impl Policy {
                 }
                 let sha = &p[8..14];
                 let spa = Ipv4Addr::new(p[14], p[15], p[16], p[17]);
-                let ip_ok = st.ip.is_none_or(|ip| spa == ip || spa.is_unspecified());
-                if sha != src || !ip_ok {
+                if sha != src || !(spa.is_unspecified() || may_claim(spa, &self.dhcp)) {
                     return Err(drop_reason::ARP_SPOOFED);
                 }
             }
-            ethernet::ETHERTYPE_IPV4 => {
-                if let (Some(ip), Some(pkt)) = (st.ip, ipv4::Packet::parse(eth.payload())) {
+            ethernet::ETHERTYPE_IPV4 => match ipv4::Packet::parse(eth.payload()) {
+                Some(pkt) => {
                     let dhcp = pkt.src().is_unspecified() && dhcp_request(frame, Ipv4Addr::BROADCAST).is_some();
-                    if pkt.src() != ip && !dhcp {
+                    if !dhcp && !may_claim(pkt.src(), &self.dhcp) {
                         return Err(drop_reason::SRC_IP_SPOOFED);
                     }
                 }
-            }
+                None if st.ip.is_some() => return Err(drop_reason::SRC_IP_SPOOFED),
+                None => {}
+            },
+            // 802.1Q, 802.1ad and the old QinQ tag: their payload would escape these checks.
+            0x8100 | 0x88a8 | 0x9100 => return Err(drop_reason::VLAN_TAGGED),
             _ => {}
         }
         Ok(())
@@ -252,9 +257,26 @@ impl Inspector for Policy {
                 return self.drop(why);
             }
         }
-        let Some(d) = &mut self.dhcp else { return Verdict::Forward };
+        let Some(d) = &self.dhcp else { return Verdict::Forward };
         let Some(req) = dhcp_request(frame, d.server_ip) else { return Verdict::Forward };
-        let verdict = match d.answer(conn, &req) {
+        let msg = match wire::decode(req.payload) {
+            Ok(m) => m,
+            Err(e) => {
+                log::debug!("malformed DHCP message from {}: {e}", crate::sys::format_mac(&req.src_mac));
+                return Verdict::Consume;
+            }
+        };
+        if self.anti_spoofing {
+            // The DHCP fields name the client too: chaddr must be the connection's MAC, and a
+            // lease held by another live connection may move only to the same client.
+            let other = d.server.key_held_elsewhere(conn, &msg);
+            let same_client = |o: u64| self.client_ip.get(&o) == self.client_ip.get(&conn);
+            if msg.client_mac() != st.mac || other.is_some_and(|o| !same_client(o)) {
+                return self.drop(drop_reason::DHCP_SPOOFED);
+            }
+        }
+        let Some(d) = &mut self.dhcp else { return Verdict::Forward };
+        let verdict = match d.answer(conn, &req, &msg) {
             Some(reply) => Verdict::Reply(reply),
             None => Verdict::Consume,
         };

@@ -150,7 +150,17 @@ pub fn parse_request(buf: &[u8]) -> Outcome {
         head_len,
         target: req.path.unwrap_or("/").to_string(),
         origin: text("origin"),
-        forwarded_for: text("x-forwarded-for"),
+        // Every X-Forwarded-For line, in order (some proxies add a line instead of appending).
+        forwarded_for: {
+            let all: Vec<&str> = req
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+                .filter_map(|h| std::str::from_utf8(h.value).ok())
+                .map(str::trim)
+                .collect();
+            (!all.is_empty()).then(|| all.join(", "))
+        },
         accept: accept_key(&key),
     })
 }
@@ -236,6 +246,13 @@ mod tests {
         let resp = String::from_utf8(u.response()).unwrap();
         assert!(resp.starts_with("HTTP/1.1 101 "));
         assert!(!resp.contains("Sec-WebSocket-Protocol") && !resp.contains("Extensions"));
+    }
+
+    #[test]
+    fn every_forwarded_for_line_counts() {
+        let req = GOOD.replace("\r\n\r\n", "\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n");
+        let Outcome::Upgrade(u) = parse_request(req.as_bytes()) else { panic!() };
+        assert_eq!(u.forwarded_for.as_deref(), Some("6.6.6.6, 1.2.3.4"));
     }
 
     #[test]
