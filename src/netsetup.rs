@@ -80,6 +80,8 @@ pub struct Network {
     nl: Netlink,
     record: Record,
     state_path: PathBuf,
+    /// Held (flock) for the life of the process: how another start knows this run is alive.
+    _lock: std::fs::File,
 }
 
 fn state_path(bridge: &str) -> io::Result<PathBuf> {
@@ -90,8 +92,20 @@ fn ctx(what: impl FnOnce() -> String) -> impl FnOnce(io::Error) -> String {
     move |e| format!("{}: {e}", what())
 }
 
-fn pid_is_wsnic(pid: u32) -> bool {
-    pid != std::process::id() && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "wsnic")
+/// Take the lock that marks a live run for `state` (its `.lock` sibling). `Ok(None)`: another
+/// live process holds it. The kernel drops the lock when its holder dies, however it dies.
+fn try_lock(state: &std::path::Path) -> io::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(STATE_DIR)?;
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(state.with_extension("lock"))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(f));
+    }
+    match io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+        e => Err(e),
+    }
 }
 
 impl Network {
@@ -103,11 +117,11 @@ impl Network {
     pub fn up(cfg: &Config) -> Result<Network, String> {
         let mut nl = Netlink::open().map_err(ctx(|| "netlink".into()))?;
         let state_path = state_path(&cfg.bridge_name).map_err(ctx(|| "network namespace".into()))?;
+        let Some(lock) = try_lock(&state_path).map_err(ctx(|| format!("lock for {}", state_path.display())))? else {
+            return Err(format!("another wsnic is running with bridge {} in this network namespace", cfg.bridge_name));
+        };
         if let Ok(text) = std::fs::read_to_string(&state_path) {
             match Record::parse(&text) {
-                Some(old) if pid_is_wsnic(old.pid) => {
-                    return Err(format!("another wsnic (pid {}) is running with bridge {}", old.pid, old.bridge));
-                }
                 Some(old) => {
                     log::warn!(
                         "a previous run (pid {}) did not exit cleanly; repairing what it left: {}",
@@ -153,7 +167,15 @@ impl Network {
             ip_forward_before: Some(sysctl::read(IP_FORWARD).map_err(ctx(|| IP_FORWARD.into()))?),
             ipv6_before: None,
         };
-        let mut net = Network { bridge_index: 0, bridge_mac: [0; 6], uplink, nl, record: record.clone(), state_path };
+        let mut net = Network {
+            bridge_index: 0,
+            bridge_mac: [0; 6],
+            uplink,
+            nl,
+            record: record.clone(),
+            state_path,
+            _lock: lock,
+        };
         net.save()?;
         if let Err(e) = net.apply(cfg, existing, &mut record) {
             net.record = record;
@@ -241,6 +263,7 @@ impl Network {
     pub fn down(mut self) {
         undo(&mut self.nl, &self.record);
         let _ = std::fs::remove_file(&self.state_path);
+        let _ = std::fs::remove_file(self.state_path.with_extension("lock"));
     }
 }
 
@@ -257,11 +280,9 @@ fn other_instance_running(bridge: &str) -> bool {
     dir.filter_map(Result::ok).any(|e| {
         let name = e.file_name().to_string_lossy().into_owned();
         name.starts_with(&prefix)
+            && name.ends_with(".state")
             && name != format!("{prefix}{bridge}.state")
-            && std::fs::read_to_string(e.path())
-                .ok()
-                .and_then(|t| Record::parse(&t))
-                .is_some_and(|r| pid_is_wsnic(r.pid))
+            && matches!(try_lock(&e.path()), Ok(None))
     })
 }
 

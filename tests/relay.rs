@@ -426,3 +426,17 @@ fn idle_clients_hold_no_buffers() {
     assert!(per_client < 4096, "{per_client} bytes per idle client");
     drop(clients);
 }
+
+/// A second wsnic with the same bridge in the same namespace refuses to start and leaves the
+/// running one alone (a live run holds a lock; a dead one's lock is gone with it).
+#[test]
+fn second_instance_with_the_same_bridge_refuses() {
+    let ns = Netns::new("twice");
+    let _w = Wsnic::start(&ns, &[]);
+    let out = ns.cmd(support::BIN).args(["--ws-server-port", "8071"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another wsnic is running with bridge wsnicbr0"), "{err}");
+    let mut g = Guest::connect(&ns, mac(80), ip(80));
+    g.arp(GW); // the first one's bridge is still there and working
+}

@@ -248,3 +248,28 @@ fn rate_limit_shapes_tcp() {
         assert!((8.0..=11.0).contains(&mbit), "{mbit:.2} Mbit/s under a 10 Mbit/s limit");
     }
 }
+
+/// Slow-loris from one address: it may hold only so many unfinished handshakes (16 with the
+/// default per-IP limit of 8); the next connection is closed at once.
+#[test]
+fn one_address_cannot_hold_every_handshake_slot() {
+    use std::io::{Read, Write};
+    let ns = Netns::new("loris");
+    let _w = Wsnic::start(&ns, &[]);
+    let held: Vec<_> = (0..16)
+        .map(|_| {
+            let mut s = ns.tcp("127.0.0.1:8070");
+            s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = ns.tcp("127.0.0.1:8070");
+    extra.set_read_timeout(Some(5 * SEC)).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(extra.read(&mut b).unwrap_or(0), 0, "the 17th unfinished handshake was kept");
+    // The held ones are still open (not closed by the server).
+    let mut first = held.into_iter().next().unwrap();
+    first.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(first.read(&mut b).is_err(), "a held handshake was closed");
+}

@@ -89,6 +89,9 @@ pub struct Relay {
     /// Established clients per client address.
     per_ip: std::collections::HashMap<std::net::IpAddr, usize>,
     pending: usize,
+    /// Handshakes in progress per peer address (not for trusted proxies), so one address
+    /// cannot hold every handshake slot.
+    pending_per_ip: std::collections::HashMap<std::net::IpAddr, usize>,
     /// Throttled pipes to run again: (when, slot, connection id).
     timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize, u64)>>,
     policy: Policy,
@@ -139,6 +142,7 @@ impl Relay {
             by_id: Default::default(),
             per_ip: Default::default(),
             pending: 0,
+            pending_per_ip: Default::default(),
             timers: Default::default(),
             policy,
             refused: [0; 6],
@@ -234,6 +238,17 @@ impl Relay {
         }
     }
 
+    /// A handshake from `ip` is over (upgraded, refused, timed out or gone).
+    fn pending_done(&mut self, ip: std::net::IpAddr) {
+        self.pending -= 1;
+        if let Some(n) = self.pending_per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_per_ip.remove(&ip);
+            }
+        }
+    }
+
     fn schedule(&mut self, i: usize) {
         if !self.queued[i] {
             self.queued[i] = true;
@@ -284,6 +299,17 @@ impl Relay {
                 }
                 continue; // dropping `sock` closes it
             }
+            let per_ip_cap = (2 * self.settings.admission.max_per_ip).max(16);
+            let proxied = self.settings.admission.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
+            if !proxied && self.pending_per_ip.get(&peer.ip()).is_some_and(|&n| n >= per_ip_cap) {
+                if let Some(held) = self.pending_log.allow(now) {
+                    log::warn!(
+                        "{}: {per_ip_cap} handshakes pending from this address; closing more ({held} not logged)",
+                        peer.ip()
+                    );
+                }
+                continue;
+            }
             let _ = sock.set_nodelay(true);
             let i = match self.free.pop() {
                 Some(i) => i,
@@ -302,6 +328,7 @@ impl Relay {
             }
             self.slots[i] = Slot::Pending(Pending { sock, peer, head: Vec::new(), since: now });
             self.pending += 1;
+            *self.pending_per_ip.entry(peer.ip()).or_default() += 1;
             log::debug!("{peer}: TCP connection accepted");
         }
     }
@@ -326,7 +353,7 @@ impl Relay {
             }
         };
         let Slot::Pending(mut p) = std::mem::replace(&mut self.slots[i], Slot::Free) else { unreachable!() };
-        self.pending -= 1;
+        self.pending_done(p.peer.ip());
         match outcome {
             None => {
                 log::debug!("{}: closed during handshake", p.peer);
@@ -460,8 +487,9 @@ impl Relay {
             match &mut self.slots[i] {
                 Slot::Pending(p) if now.saturating_duration_since(p.since) >= s.handshake_timeout => {
                     log::info!("{}: handshake not completed within {:?}; dropped", p.peer, s.handshake_timeout);
+                    let ip = p.peer.ip();
                     self.slots[i] = Slot::Free;
-                    self.pending -= 1;
+                    self.pending_done(ip);
                     self.freed.push(i);
                 }
                 Slot::Client(c) => {

@@ -273,7 +273,8 @@ impl Drop for Wsnic {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-            if !eventually(Duration::from_secs(5), || matches!(self.child.try_wait(), Ok(Some(_)))) {
+            // Generous: closing hundreds of TAPs takes the kernel a while.
+            if !eventually(Duration::from_secs(30), || matches!(self.child.try_wait(), Ok(Some(_)))) {
                 let _ = self.child.kill();
             }
         }
