@@ -9,25 +9,9 @@ mod support;
 use std::time::Duration;
 
 use support::lab::Lab;
-use support::{eventually, Netns};
+use support::{eventually, iperf_mbit, Netns};
 
 const SEC: Duration = Duration::from_secs(1);
-
-/// `iperf3 -c SERVER [-R]` from `ns`; returns the received rate in Mbit/s.
-fn iperf(ns: &Netns, server: &str, reverse: bool) -> f64 {
-    let mut args = vec!["-c", server, "-t", "2", "-J"];
-    if reverse {
-        args.push("-R");
-    }
-    let out = ns.exec("iperf3", &args);
-    let json = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "iperf3 {args:?} failed: {json}");
-    let recv = json.split("\"sum_received\"").nth(1).expect("sum_received");
-    let bps: f64 =
-        recv.split("\"bits_per_second\":").nth(1).unwrap().split([',', '}']).next().unwrap().trim().parse().unwrap();
-    assert!(bps > 0.0);
-    bps / 1e6
-}
 
 #[test]
 fn guests_ping_the_gateway_and_each_other() {
@@ -50,10 +34,10 @@ fn iperf3_to_the_gateway_and_through_nat() {
     lab.upl.spawn("iperf3", &["-s", "-B", "198.51.100.1"], &lab.logs.join("iperf-up.log"));
     assert!(lab.ping(0, "192.168.2.1"));
     std::thread::sleep(Duration::from_millis(200)); // iperf3 servers listening
-    let gw_up = iperf(g, "192.168.2.1", false);
-    let gw_down = iperf(g, "192.168.2.1", true);
-    let nat_up = iperf(g, "198.51.100.1", false);
-    let nat_down = iperf(g, "198.51.100.1", true);
+    let gw_up = iperf_mbit(g, "192.168.2.1", 2, false);
+    let gw_down = iperf_mbit(g, "192.168.2.1", 2, true);
+    let nat_up = iperf_mbit(g, "198.51.100.1", 2, false);
+    let nat_down = iperf_mbit(g, "198.51.100.1", 2, true);
     println!("iperf3 Mbit/s: guest→gateway {gw_up:.0}, gateway→guest {gw_down:.0}, guest→uplink {nat_up:.0}, uplink→guest {nat_down:.0}");
 }
 

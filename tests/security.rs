@@ -225,25 +225,7 @@ fn rate_limit_shapes_tcp() {
     assert!(lab.ping(g, "198.51.100.1"));
     std::thread::sleep(Duration::from_millis(200));
     for reverse in [false, true] {
-        let mut args = vec!["-c", "198.51.100.1", "-t", "4", "-O", "1", "-J"];
-        if reverse {
-            args.push("-R");
-        }
-        let out = lab.guests[g].exec("iperf3", &args);
-        let json = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{json}");
-        let recv = json.split("\"sum_received\"").nth(1).unwrap_or_else(|| panic!("{json}"));
-        let bps: f64 = recv
-            .split("\"bits_per_second\":")
-            .nth(1)
-            .unwrap()
-            .split([',', '}'])
-            .next()
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let mbit = bps / 1e6;
+        let mbit = support::iperf_mbit(&lab.guests[g], "198.51.100.1", 4, reverse);
         println!("rate_limit=10mbit, {}: {mbit:.2} Mbit/s", if reverse { "uplink→guest" } else { "guest→uplink" });
         assert!((8.0..=11.0).contains(&mbit), "{mbit:.2} Mbit/s under a 10 Mbit/s limit");
     }

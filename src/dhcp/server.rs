@@ -28,6 +28,7 @@ use std::net::Ipv4Addr;
 
 use super::wire::{self, opt, DhcpOption, Message, MessageType};
 use crate::config::Ipv4Net;
+use crate::sys::format_mac;
 
 /// One per WebSocket connection; never reused while the server runs.
 pub type ConnId = u64;
@@ -163,10 +164,6 @@ pub struct Server {
     exhaustion_warnings: u64,
 }
 
-fn fmt_mac(m: &[u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-}
-
 impl Server {
     /// Checks `cfg`: the server address is a host of the subnet; the range is inside the subnet
     /// and not reversed; reservations are host addresses of the subnet, not the server or router,
@@ -201,13 +198,13 @@ impl Server {
             if !is_host(*ip) || *ip == cfg.server_ip || *ip == cfg.router {
                 return Err(format!(
                     "DHCP reservation {} → {ip}: not a free host address of {net} (server {}, router {})",
-                    fmt_mac(mac),
+                    format_mac(mac),
                     cfg.server_ip,
                     cfg.router
                 ));
             }
             if reservations.insert(*mac, u32::from(*ip)).is_some() || !reserved_ips.insert(u32::from(*ip)) {
-                return Err(format!("DHCP reservation {} → {ip}: MAC or address reserved twice", fmt_mac(mac)));
+                return Err(format!("DHCP reservation {} → {ip}: MAC or address reserved twice", format_mac(mac)));
             }
         }
         let mut server = Server {
@@ -393,8 +390,8 @@ impl Server {
         let ours = msg.server_id().is_none_or(|s| s == self.cfg.server_ip);
         log::debug!(
             "DHCP {ty:?} from {} ({}) on connection {conn}, to {}",
-            fmt_mac(&chaddr),
-            fmt_mac(&src_mac),
+            format_mac(&chaddr),
+            format_mac(&src_mac),
             if broadcast { "broadcast" } else { "server" }
         );
         let c = Client { conn, src_mac, chaddr, key };
@@ -479,7 +476,7 @@ impl Server {
         }
         log::warn!(
             "DHCP: {} declined {} (in use by someone else?); quarantined",
-            fmt_mac(&c.chaddr),
+            format_mac(&c.chaddr),
             Ipv4Addr::from(ip)
         );
         self.remove(ip);

@@ -471,3 +471,20 @@ impl Guest {
         Guest { ws, mac, ip: Ipv4Addr::UNSPECIFIED }
     }
 }
+
+/// `iperf3 -c SERVER -t SECS [-R] -J` from `ns`; the received rate in Mbit/s.
+pub fn iperf_mbit(ns: &Netns, server: &str, secs: u32, reverse: bool) -> f64 {
+    let secs = secs.to_string();
+    let mut args = vec!["-c", server, "-t", &secs, "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let out = ns.exec("iperf3", &args);
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "iperf3 {args:?} failed: {json}");
+    let recv = json.split("\"sum_received\"").nth(1).unwrap_or_else(|| panic!("{json}"));
+    let bps: f64 =
+        recv.split("\"bits_per_second\":").nth(1).unwrap().split([',', '}']).next().unwrap().trim().parse().unwrap();
+    assert!(bps > 0.0);
+    bps / 1e6
+}
