@@ -147,6 +147,20 @@ fn reconnect_takes_over_from_the_stale_connection() {
     let mut w = Wsnic::start(&ns, &[]);
     let mut old = Guest::connect(&ns, mac(9), Ipv4Addr::UNSPECIFIED);
     let ip = old.dhcp(1).unwrap();
+    // A second connection using the MAC while the first is active is refused (1008): clients
+    // behind one NAT share an address, and one must not evict another.
+    let mut rival = Guest::connect(&ns, mac(9), Ipv4Addr::UNSPECIFIED);
+    rival.send(frames::arp_request(mac(9), ip, GW));
+    let code = loop {
+        match rival.ws.read() {
+            Ok(tungstenite::Message::Close(c)) => break c.map(|c| u16::from(c.code)),
+            Ok(_) => {}
+            Err(e) => panic!("the rival was not closed with a Close frame: {e}"),
+        }
+    };
+    assert_eq!(code, Some(1008));
+    // The old socket goes silent (the tab that held it is gone)…
+    std::thread::sleep(Duration::from_millis(5500));
     let mut new = Guest::connect(&ns, mac(9), Ipv4Addr::UNSPECIFIED);
     assert_eq!(new.dhcp(2), Some(ip), "the address follows the MAC to the new connection");
     let gw = new.arp(GW);

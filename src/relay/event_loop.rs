@@ -31,6 +31,9 @@ const SIGNALS: Token = Token(usize::MAX - 1);
 /// Connections still in their handshake, at most; more are closed at once (each holds a socket
 /// and up to 8 KiB until `handshake_timeout`).
 const MAX_PENDING: usize = 1024;
+/// A MAC moves to a new connection of the same client only if its old connection has been
+/// silent this long (a browser VM that reconnected; an active one is not evicted).
+const TAKEOVER_SILENCE: Duration = Duration::from_secs(5);
 /// How long a closing connection may take to flush its last frames.
 const LINGER: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_secs(1);
@@ -220,13 +223,21 @@ impl Relay {
                 }
             }
             self.run_queue(now);
-            for old in std::mem::take(&mut self.policy.takeovers) {
-                if let Some(&i) = self.by_id.get(&old) {
+            for (old, new, mac) in std::mem::take(&mut self.policy.takeovers) {
+                let Some(&i) = self.by_id.get(&old) else { continue };
+                let stale = matches!(&self.slots[i], Slot::Client(c) if c.silent_for(now) >= TAKEOVER_SILENCE);
+                if stale {
                     let e = Ending::new(
                         "its MAC was taken over by a new connection of the same client",
                         Some(close_code::GOING_AWAY),
                     );
                     self.end(i, e, now);
+                } else if let Some(&j) = self.by_id.get(&new) {
+                    // The old connection is alive: this is not a reconnect but a second use of
+                    // its MAC (clients behind one NAT share an address).
+                    self.policy.restore_owner(mac, old);
+                    let e = Ending::new("its MAC belongs to another active connection", Some(close_code::POLICY));
+                    self.end(j, e, now);
                 }
             }
             self.policy.after_pass();

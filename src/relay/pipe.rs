@@ -261,6 +261,11 @@ impl Pipe {
         }
     }
 
+    /// How long nothing has been read from the client.
+    pub fn silent_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_heard)
+    }
+
     /// Give the TAP back (`wsnic connect` keeps it across reconnections).
     pub fn into_tap(self) -> Tap {
         self.tap

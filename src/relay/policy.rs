@@ -123,8 +123,9 @@ pub struct Policy {
     mac_owner: HashMap<Mac, u64>,
     /// Connection → its client's address (a takeover needs the same address).
     client_ip: HashMap<u64, IpAddr>,
-    /// Connections whose MAC a newer connection of the same client took over: to be closed.
-    pub takeovers: Vec<u64>,
+    /// (old connection, new connection, MAC): a newer connection of the same client claimed
+    /// the old one's MAC. The relay closes the old one if it has gone silent, else the new one.
+    pub takeovers: Vec<(u64, u64, Mac)>,
     /// Frames dropped, by reason (index into `drop_reason::ALL`).
     pub drops: [u64; 7],
 }
@@ -144,6 +145,11 @@ impl Policy {
     /// A client connected from `ip`.
     pub fn opened(&mut self, conn: u64, ip: IpAddr) {
         self.client_ip.insert(conn, ip);
+    }
+
+    /// A takeover was refused (the old connection is active): `mac` stays `owner`'s.
+    pub fn restore_owner(&mut self, mac: Mac, owner: u64) {
+        self.mac_owner.insert(mac, owner);
     }
 
     /// A client's connection ended.
@@ -194,12 +200,12 @@ impl Policy {
                 match self.mac_owner.get(&src).copied() {
                     Some(other) if other != conn => {
                         // The same MAC from the same client: a reconnect whose old socket has not
-                        // timed out yet. It takes over; the stale connection is closed. From
+                        // timed out yet — if the old one has gone silent (the relay checks). From
                         // anyone else it is a spoofing attempt.
                         if self.client_ip.get(&other) != self.client_ip.get(&conn) {
                             return Err(drop_reason::MAC_IN_USE);
                         }
-                        self.takeovers.push(other);
+                        self.takeovers.push((other, conn, src));
                     }
                     _ => {}
                 }
