@@ -46,6 +46,7 @@ fn serve(mut s: TcpStream) -> io::Result<()> {
         match parse_request(&buf) {
             Outcome::Partial => continue,
             Outcome::Refuse(r) => return s.write_all(&r.response()),
+            Outcome::Plain { .. } => return s.write_all(&wsnic::ws::handshake::plain_http_refusal().response()),
             Outcome::Upgrade(u) => {
                 s.write_all(&u.response())?;
                 buf.drain(..u.head_len);

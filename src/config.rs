@@ -173,6 +173,7 @@ pub struct Config {
     pub egress_deny: Vec<Ipv4Net>,
     /// Bytes per second, per client and direction.
     pub rate_limit: Option<u64>,
+    pub status_allow: Vec<IpCidr>,
     /// Where each key was last set ("wsnic.conf:12", "--bridge-name"); for error messages.
     origins: HashMap<&'static str, String>,
 }
@@ -316,6 +317,11 @@ pub const KEYS: &[Key] = &[
         default: "",
         help: "per client and direction, e.g. 10mbit (shaped, not policed; empty: none)",
     },
+    Key {
+        name: "status_allow",
+        default: "127.0.0.0/8, ::1",
+        help: "addresses (CIDRs) that may see the status page and /metrics, which show client addresses",
+    },
 ];
 
 /// A configuration error, located: `wsnic.conf:12: bridge_subnet: ...`.
@@ -374,6 +380,7 @@ impl Default for Config {
             egress_allow: Vec::new(),
             egress_deny: Vec::new(),
             rate_limit: None,
+            status_allow: Vec::new(),
             origins: HashMap::new(),
         };
         for k in KEYS {
@@ -569,6 +576,7 @@ impl Config {
             "egress_allow" => self.egress_allow = parse_list(v)?,
             "egress_deny" => self.egress_deny = parse_list(v)?,
             "rate_limit" => self.rate_limit = opt(v).map(parse_rate).transpose()?,
+            "status_allow" => self.status_allow = parse_list(v)?,
             _ => return Err("unknown key".into()),
         }
         Ok(())
@@ -671,6 +679,25 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// A summary for the status page (no secrets).
+    pub fn summary(&self, uplink: Option<&str>) -> Vec<(&'static str, String)> {
+        let on = |b: bool| if b { "on" } else { "off" }.to_string();
+        vec![
+            ("listen", format!("{}:{}", self.ws_server_addr, self.ws_server_port)),
+            ("bridge", format!("{} {}/{}", self.bridge_name, self.bridge_addr(), self.bridge_subnet.prefix)),
+            ("uplink", uplink.unwrap_or("none").to_string()),
+            ("nat", on(self.nat && uplink.is_some())),
+            ("dhcp", if self.disable_dhcp { "off".into() } else { format!("on, lease {}s", self.dhcp_lease_time) }),
+            ("max_clients", format!("{} ({} per address)", self.max_clients, self.max_clients_per_ip)),
+            ("auth", on(self.auth_token.is_some() || !self.allowed_origins.is_empty())),
+            ("anti_spoofing", on(self.anti_spoofing)),
+            ("client_isolation", on(self.client_isolation)),
+            ("egress_policy", on(self.egress_policy)),
+            ("rate_limit", self.rate_limit.map_or("none".into(), |r| format!("{} kbit/s", r * 8 / 1000))),
+            ("max_frame_size", self.max_frame_size.to_string()),
+        ]
     }
 
     /// The bridge's (gateway's) address.

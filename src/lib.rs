@@ -7,6 +7,7 @@ pub mod dhcp;
 pub mod logging;
 pub mod netsetup;
 pub mod relay;
+pub mod status;
 pub mod sys;
 pub mod wire;
 pub mod ws;

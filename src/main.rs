@@ -190,8 +190,11 @@ fn serve(cfg: &Config) -> Result<(), String> {
         },
         isolation: cfg.client_isolation,
         rate_limit: cfg.rate_limit,
+        status_allow: cfg.status_allow.clone(),
+        summary: Vec::new(),
     };
     let mut net = Network::up(cfg)?;
+    let settings = Settings { summary: cfg.summary(net.uplink.as_deref()), ..settings };
     let policy = Policy::new(
         dhcp.map(|s| Dhcp::new(s, cfg.bridge_addr(), net.bridge_mac, cfg.dhcp_lease_file.clone())),
         cfg.anti_spoofing,

@@ -54,6 +54,10 @@ pub struct Settings {
     pub isolation: bool,
     /// Bytes per second per client and direction.
     pub rate_limit: Option<u64>,
+    /// Who may see the status page and the metrics (they reveal client addresses).
+    pub status_allow: Vec<crate::config::IpCidr>,
+    /// Configuration summary for the status page.
+    pub summary: Vec<(&'static str, String)>,
 }
 
 /// A connection still in its opening handshake.
@@ -100,6 +104,9 @@ pub struct Relay {
     policy: Policy,
     /// Handshakes refused, by reason (index into `Refused::ALL`).
     pub refused: [u64; 6],
+    /// Counters of every connection that has ended (live ones are added when asked).
+    totals: super::pipe::Stats,
+    started: Instant,
     /// One log limiter per refusal reason, so a flood of one kind cannot hide another.
     refusal_log: [RateLimited; 6],
     pending_log: RateLimited,
@@ -151,6 +158,8 @@ impl Relay {
             refused: [0; 6],
             refusal_log: std::array::from_fn(|_| RateLimited::new(Duration::from_secs(10))),
             pending_log: RateLimited::new(Duration::from_secs(10)),
+            totals: Default::default(),
+            started: Instant::now(),
         })
     }
 
@@ -371,6 +380,7 @@ impl Relay {
                 self.freed.push(i);
             }
             Some(Outcome::Refuse(r)) => self.refuse(i, p, Refused::Malformed, r, now),
+            Some(Outcome::Plain { path }) => self.serve_http(i, p, &path, now),
             Some(Outcome::Partial) => unreachable!(),
             Some(Outcome::Upgrade(u)) => {
                 let ip = client_ip(p.peer.ip(), u.forwarded_for.as_deref(), &self.settings.admission.trusted_proxies);
@@ -426,6 +436,103 @@ impl Relay {
         }
     }
 
+    /// A plain HTTP GET: `/healthz` for anyone; `/` (status page) and `/metrics` for
+    /// `status_allow`; anything else gets the "this is a WebSocket relay" text.
+    fn serve_http(&mut self, i: usize, mut p: Pending, target: &str, now: Instant) {
+        let path = target.split('?').next().unwrap_or("/");
+        let allowed = self.settings.status_allow.iter().any(|c| c.contains(p.peer.ip()));
+        let response = match path {
+            "/healthz" => handshake::http_response(
+                200,
+                "text/plain; charset=utf-8",
+                b"ok
+",
+            ),
+            "/" | "/metrics" if !allowed => handshake::http_response(
+                403,
+                "text/plain; charset=utf-8",
+                b"wsnic: status is not shown to this address (status_allow)
+",
+            ),
+            "/" => handshake::http_response(
+                200,
+                "text/html; charset=utf-8",
+                crate::status::html(&self.snapshot(now)).as_bytes(),
+            ),
+            "/metrics" => handshake::http_response(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                crate::status::metrics(&self.snapshot(now)).as_bytes(),
+            ),
+            _ => handshake::plain_http_refusal().response(),
+        };
+        log::debug!("{}: HTTP GET {path}", p.peer);
+        // Best effort, like a refusal; the socket buffer takes a status page of hundreds of clients.
+        let _ = p.sock.write(&response);
+        let _ = p.sock.shutdown(Shutdown::Write);
+        let _ = self.poll.registry().deregister(&mut p.sock);
+        self.freed.push(i);
+    }
+
+    /// The state shown by the status page and the metrics.
+    pub fn snapshot(&self, now: Instant) -> crate::status::Snapshot {
+        use crate::relay::policy::{drop_reason, unix_now};
+        use crate::status::{ClientRow, LeaseRow, Snapshot};
+        let mut totals = self.totals;
+        let mut clients = Vec::with_capacity(self.clients);
+        for slot in &self.slots {
+            if let Slot::Client(c) = slot {
+                totals.add(&c.stats);
+                let ip =
+                    c.state.ip.or_else(|| self.policy.dhcp.as_ref().and_then(|d| d.server.bound_ip(c.id, unix_now())));
+                clients.push(ClientRow {
+                    peer: if c.client_ip == c.peer.ip() {
+                        c.peer.to_string()
+                    } else {
+                        format!("{} via {}", c.client_ip, c.peer)
+                    },
+                    tap: c.tap.name().to_string(),
+                    mac: c.state.mac,
+                    ip,
+                    connected_secs: now.saturating_duration_since(c.connected_at).as_secs(),
+                    stats: c.stats,
+                });
+            }
+        }
+        let unix = unix_now() as i64;
+        let (leases, pool) = match &self.policy.dhcp {
+            Some(d) => {
+                let leases = d
+                    .server
+                    .leases()
+                    .map(|l| LeaseRow {
+                        ip: l.ip,
+                        mac: l.mac,
+                        hostname: String::from_utf8_lossy(&l.hostname).into_owned(),
+                        expires_in: l.expires as i64 - unix,
+                        connected: l.conn.is_some(),
+                    })
+                    .collect();
+                (leases, Some((d.server.pool_size(), d.server.free_count(unix as u64))))
+            }
+            None => (Vec::new(), None),
+        };
+        const DHCP_TYPES: [&str; 9] =
+            ["other", "discover", "offer", "request", "decline", "ack", "nak", "release", "inform"];
+        Snapshot {
+            uptime_secs: now.saturating_duration_since(self.started).as_secs(),
+            clients,
+            leases,
+            totals,
+            connections_total: self.next_id - 1,
+            refused: Refused::ALL.iter().zip(self.refused).map(|(r, n)| (r.label(), n)).collect(),
+            policy_drops: drop_reason::LABELS.iter().copied().zip(self.policy.drops).collect(),
+            dhcp_messages: DHCP_TYPES.iter().copied().zip(self.policy.dhcp_messages).collect(),
+            pool,
+            config: self.settings.summary.clone(),
+        }
+    }
+
     fn refuse(&mut self, i: usize, mut p: Pending, why: Refused, r: Refusal, now: Instant) {
         let k = Refused::ALL.iter().position(|x| *x == why).expect("listed");
         self.refused[k] += 1;
@@ -475,6 +582,7 @@ impl Relay {
             s.drop_oversize,
             s.drop_policy,
         );
+        self.totals.add(&c.stats);
         c.drain_input();
         let _ = c.sock.shutdown(Shutdown::Write);
         c.release_idle(&mut self.pool);

@@ -102,6 +102,20 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Add `o`'s counters to these.
+    pub fn add(&mut self, o: &Stats) {
+        self.to_tap_frames += o.to_tap_frames;
+        self.to_tap_bytes += o.to_tap_bytes;
+        self.to_ws_frames += o.to_ws_frames;
+        self.to_ws_bytes += o.to_ws_bytes;
+        self.drop_text += o.drop_text;
+        self.drop_runt += o.drop_runt;
+        self.drop_tap_error += o.drop_tap_error;
+        self.drop_oversize += o.drop_oversize;
+        self.answered += o.answered;
+        self.drop_policy += o.drop_policy;
+    }
+
     pub fn drops(&self) -> u64 {
         self.drop_text + self.drop_runt + self.drop_tap_error + self.drop_oversize + self.drop_policy
     }

@@ -113,6 +113,16 @@ pub mod drop_reason {
     pub const DHCP_SPOOFED: &str = "DHCP for another client's MAC or lease";
     pub const ALL: [&str; 7] =
         [SRC_MAC_MULTICAST, SRC_MAC_CHANGED, MAC_IN_USE, SRC_IP_SPOOFED, ARP_SPOOFED, VLAN_TAGGED, DHCP_SPOOFED];
+    /// Metric labels, in the order of `ALL`.
+    pub const LABELS: [&str; 7] = [
+        "src_mac_multicast",
+        "src_mac_changed",
+        "mac_in_use",
+        "src_ip_spoofed",
+        "arp_spoofed",
+        "vlan_tagged",
+        "dhcp_spoofed",
+    ];
 }
 
 /// Per-frame decisions for the relay.
@@ -128,6 +138,8 @@ pub struct Policy {
     pub takeovers: Vec<(u64, u64, Mac)>,
     /// Frames dropped, by reason (index into `drop_reason::ALL`).
     pub drops: [u64; 7],
+    /// DHCP messages from clients by type (index: the message type, 1..=8; 0: other).
+    pub dhcp_messages: [u64; 9],
 }
 
 impl Policy {
@@ -139,6 +151,7 @@ impl Policy {
             client_ip: HashMap::new(),
             takeovers: Vec::new(),
             drops: [0; 7],
+            dhcp_messages: [0; 9],
         }
     }
 
@@ -272,6 +285,7 @@ impl Inspector for Policy {
                 return Verdict::Consume;
             }
         };
+        self.dhcp_messages[msg.message_type().map_or(0, |t| t as usize)] += 1;
         if self.anti_spoofing {
             // The DHCP fields name the client too: chaddr must be the connection's MAC, and a
             // lease held by another live connection may move only to the same client.

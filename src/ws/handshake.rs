@@ -72,6 +72,23 @@ pub enum Outcome {
     Partial,
     Upgrade(Upgrade),
     Refuse(Refusal),
+    /// A plain HTTP GET (no upgrade) for `path`: the relay answers its status paths, and
+    /// anything else with [`plain_http_refusal`].
+    Plain {
+        path: String,
+    },
+}
+
+/// A complete `200 OK`-style response with `body`.
+pub fn http_response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut v = format!(
+        "HTTP/1.1 {status} {}\r\nServer: wsnic\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        if status == 200 { "OK" } else { status_text(status) },
+        body.len()
+    )
+    .into_bytes();
+    v.extend_from_slice(body);
+    v
 }
 
 fn status_text(status: u16) -> &'static str {
@@ -85,6 +102,13 @@ fn status_text(status: u16) -> &'static str {
         503 => "Service Unavailable",
         _ => "Error",
     }
+}
+
+/// The answer to a plain HTTP request that is not for a status path: 426 with a short text.
+pub fn plain_http_refusal() -> Refusal {
+    let mut r = Refusal::new(426, PLAIN_HTTP_BODY);
+    r.headers = "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n";
+    r
 }
 
 /// Text sent to a plain HTTP request.
@@ -118,6 +142,9 @@ pub fn parse_request(buf: &[u8]) -> Outcome {
     let text = |name: &str| header(name).and_then(|v| std::str::from_utf8(v).ok()).map(|s| s.trim().to_string());
 
     if !header("upgrade").is_some_and(|v| has_token(v, "websocket")) {
+        if req.method == Some("GET") {
+            return Outcome::Plain { path: req.path.unwrap_or("/").to_string() };
+        }
         let mut r = Refusal::new(426, PLAIN_HTTP_BODY);
         r.headers = "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n";
         return Outcome::Refuse(r);
@@ -264,7 +291,8 @@ mod tests {
 
     #[test]
     fn refusals() {
-        assert_eq!(status("GET / HTTP/1.1\r\nHost: h\r\n\r\n"), 426);
+        assert_eq!(parse_request(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"), Outcome::Plain { path: "/x".into() });
+        assert_eq!(status("POST / HTTP/1.1\r\nHost: h\r\n\r\n"), 426);
         assert_eq!(status(&GOOD.replace("Version: 13", "Version: 8")), 426);
         assert_eq!(status(&GOOD.replace("GET", "POST")), 405);
         assert_eq!(status(&GOOD.replace("HTTP/1.1", "HTTP/1.0")), 400);
@@ -279,8 +307,7 @@ mod tests {
 
     #[test]
     fn plain_http_names_server() {
-        let Outcome::Refuse(r) = parse_request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") else { panic!() };
-        let text = String::from_utf8(r.response()).unwrap();
+        let text = String::from_utf8(plain_http_refusal().response()).unwrap();
         assert!(text.contains("426 Upgrade Required") && text.contains("wsnic") && text.contains("WebSocket"));
         assert!(text.ends_with(PLAIN_HTTP_BODY));
     }

@@ -356,12 +356,16 @@ impl Guest {
         }
     }
 
-    /// Resolve `ip` by ARP; returns its MAC.
+    /// Resolve `ip` by ARP, asking again every second as a guest kernel does (a bridge whose
+    /// first port just came up may still lack carrier for the first request); returns its MAC.
     pub fn arp(&mut self, ip: Ipv4Addr) -> [u8; 6] {
-        self.send(frames::arp_request(self.mac, self.ip, ip));
-        let f =
-            self.recv_until(Duration::from_secs(5), |f| frames::arp_reply_from(f, ip).is_some()).expect("ARP reply");
-        frames::arp_reply_from(&f, ip).unwrap()
+        for _ in 0..5 {
+            self.send(frames::arp_request(self.mac, self.ip, ip));
+            if let Some(f) = self.recv_until(Duration::from_secs(1), |f| frames::arp_reply_from(f, ip).is_some()) {
+                return frames::arp_reply_from(&f, ip).unwrap();
+            }
+        }
+        panic!("no ARP reply from {ip}");
     }
 }
 

@@ -1,0 +1,94 @@
+//! The operator's view over plain HTTP on the WebSocket port: /healthz, /metrics (parsed by
+//! the Prometheus project's own Python parser, `prometheus_client`), the status page, and
+//! `status_allow`.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use support::{frames, Guest, Netns, Wsnic};
+
+const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 1);
+
+fn get(ns: &Netns, path: &str) -> (u16, String) {
+    let mut s = ns.tcp("127.0.0.1:8070");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Parse with prometheus_client and return `name{labels}` → value for wsnic's samples.
+fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    let script = "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as p\n\
+                  for f in p(sys.stdin.read()):\n  for s in f.samples:\n    \
+                  l=','.join(f'{k}={v}' for k,v in sorted(s.labels.items()))\n    print(f'{s.name}{{{l}}} {s.value}')\n";
+    let mut c = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client rejected the metrics: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn healthz_metrics_and_status_page() {
+    let ns = Netns::new("status");
+    let _w = Wsnic::start(&ns, &[]);
+    assert_eq!(get(&ns, "/healthz"), (200, "ok\n".to_string()));
+
+    let mut g = Guest::connect(&ns, [2, 0, 0x5e, 0x20, 0, 1], Ipv4Addr::UNSPECIFIED);
+    let ip = g.dhcp(1).unwrap();
+    let gw = g.arp(GW);
+    let (status, text) = get(&ns, "/metrics");
+    assert_eq!(status, 200);
+    let before = parse_metrics(&text);
+    assert_eq!(before["wsnic_clients{}"], 1.0);
+    assert!(before["wsnic_dhcp_messages_total{type=discover}"] >= 1.0);
+    assert_eq!(before["wsnic_dhcp_pool_addresses{}"], 253.0); // .2 to .254
+    for seq in 1..=10 {
+        g.send(frames::icmp_echo(8, g.mac, gw, ip, GW, 9, seq, b"count me"));
+        assert!(g.recv_until(Duration::from_secs(5), |f| frames::icmp_of(f) == Some((GW, ip, 0, 9, seq))).is_some());
+    }
+    let after = parse_metrics(&get(&ns, "/metrics").1);
+    let moved = |k: &str| after[k] - before[k];
+    assert!(moved("wsnic_frames_total{direction=client_to_tap}") >= 10.0, "{after:?}");
+    assert!(moved("wsnic_frames_total{direction=tap_to_client}") >= 10.0);
+    assert!(moved("wsnic_bytes_total{direction=client_to_tap}") >= 10.0 * 50.0); // 50-byte echo frames
+
+    let (status, page) = get(&ns, "/");
+    assert_eq!(status, 200);
+    assert!(page.contains("wsnic0") && page.contains(&ip.to_string()) && page.contains("02:00:5e:20:00:01"), "{page}");
+    assert!(page.contains("<h2>DHCP leases</h2>"));
+    assert_eq!(get(&ns, "/elsewhere").0, 426, "other paths: the WebSocket relay text");
+}
+
+#[test]
+fn status_allow_restricts_status_and_metrics() {
+    let ns = Netns::new("statusallow");
+    let _w = Wsnic::start(&ns, &["--status-allow", "10.0.0.0/8"]);
+    assert_eq!(get(&ns, "/").0, 403);
+    assert_eq!(get(&ns, "/metrics").0, 403);
+    assert_eq!(get(&ns, "/healthz").0, 200);
+}
