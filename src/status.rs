@@ -91,12 +91,13 @@ pub fn html(s: &Snapshot) -> String {
          body{{font:14px system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}\
          td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:left}}th{{background:#f0f0f0}}td.n{{text-align:right}}\
          h1{{font-size:1.4em}}h2{{font-size:1.1em;margin-top:1.5em}}</style></head><body>\
-         <h1>wsnic {}</h1><p>Up {} &middot; {} client{} &middot; {} connections since start</p>",
+         <h1>wsnic {}</h1><p>Up {} &middot; {} client{} &middot; {} connection{} since start</p>",
         env!("CARGO_PKG_VERSION"),
         duration(s.uptime_secs),
         s.clients.len(),
         if s.clients.len() == 1 { "" } else { "s" },
-        s.connections_total
+        s.connections_total,
+        if s.connections_total == 1 { "" } else { "s" }
     );
     h.push_str("<h2>Clients</h2><table id=clients><tr><th>Peer</th><th>TAP</th><th>MAC</th><th>IP</th><th>Connected for</th><th>Client → net</th><th>Net → client</th><th>Dropped</th></tr>");
     for c in &s.clients {

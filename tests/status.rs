@@ -92,3 +92,45 @@ fn status_allow_restricts_status_and_metrics() {
     assert_eq!(get(&ns, "/metrics").0, 403);
     assert_eq!(get(&ns, "/healthz").0, 200);
 }
+
+/// The status page in a real headless Chromium (Debian's `chromium`), inside the relay's
+/// namespace: the DOM it builds shows the connected client, and it renders to a screenshot.
+/// `WSNIC_SCREENSHOT=path` keeps the picture (docs/status-page.png was made that way).
+#[test]
+fn status_page_in_headless_chromium() {
+    let ns = Netns::new("chromium");
+    let _w = Wsnic::start(&ns, &[]);
+    let mut g = Guest::connect(&ns, [2, 0, 0x5e, 0x20, 0, 2], Ipv4Addr::UNSPECIFIED);
+    let ip = g.dhcp(1).unwrap();
+    let profile = std::env::temp_dir().join(format!("{}-profile", ns.name));
+    let shot = std::env::var("WSNIC_SCREENSHOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir().join(format!("{}.png", ns.name)));
+    let chromium = |extra: &[&str]| {
+        let mut c = ns.cmd("chromium");
+        c.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg("http://127.0.0.1:8070/");
+        c.output().expect("chromium (Debian package `chromium`)")
+    };
+    let dom = chromium(&["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains("<table id=\"clients\">") || dom.contains("id=\"clients\""), "{dom}");
+    assert!(dom.contains("wsnic0") && dom.contains(&ip.to_string()), "the client is not on the page: {dom}");
+    let out = chromium(&[&format!("--screenshot={}", shot.display()), "--window-size=1100,520"]);
+    let png =
+        std::fs::read(&shot).unwrap_or_else(|_| panic!("no screenshot: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 5_000, "{} bytes", png.len());
+    let _ = std::fs::remove_dir_all(&profile);
+}
