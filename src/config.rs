@@ -178,6 +178,34 @@ pub struct Config {
     origins: HashMap<&'static str, String>,
 }
 
+/// Keys whose change needs a restart (the network, the listener, DHCP, the firewall table);
+/// the others take effect on SIGHUP.
+pub const RESTART_KEYS: &[&str] = &[
+    "ws_server_addr",
+    "ws_server_port",
+    "eth_iface",
+    "bridge_subnet",
+    "bridge_restrict_inbound",
+    "bridge_name",
+    "tap_prefix",
+    "nat",
+    "max_frame_size",
+    "client_isolation",
+    "egress_policy",
+    "egress_allow",
+    "egress_deny",
+    "disable_dhcp",
+    "dhcp_gateway",
+    "dhcp_domain_name",
+    "dhcp_domain_name_server",
+    "dhcp_lease_time",
+    "dhcp_range",
+    "dhcp_host",
+    "dhcp_mtu",
+    "dhcp_lease_file",
+    "dhcp_lease_grace",
+];
+
 /// One configuration key: its name, default (as written in the file) and meaning.
 pub struct Key {
     pub name: &'static str,
@@ -681,6 +709,36 @@ impl Config {
         Ok(())
     }
 
+    /// The value of `key`, for comparing two configurations (a reload names what changed).
+    pub fn value_of(&self, key: &str) -> String {
+        match key {
+            "ws_server_addr" => format!("{:?}", self.ws_server_addr),
+            "ws_server_port" => format!("{:?}", self.ws_server_port),
+            "eth_iface" => format!("{:?}", self.eth_iface),
+            "bridge_subnet" => format!("{:?}", self.bridge_subnet),
+            "bridge_restrict_inbound" => format!("{:?}", self.bridge_restrict_inbound),
+            "bridge_name" => format!("{:?}", self.bridge_name),
+            "tap_prefix" => format!("{:?}", self.tap_prefix),
+            "nat" => format!("{:?}", self.nat),
+            "max_frame_size" => format!("{:?}", self.max_frame_size),
+            "client_isolation" => format!("{:?}", self.client_isolation),
+            "egress_policy" => format!("{:?}", self.egress_policy),
+            "egress_allow" => format!("{:?}", self.egress_allow),
+            "egress_deny" => format!("{:?}", self.egress_deny),
+            "disable_dhcp" => format!("{:?}", self.disable_dhcp),
+            "dhcp_gateway" => format!("{:?}", self.dhcp_gateway),
+            "dhcp_domain_name" => format!("{:?}", self.dhcp_domain_name),
+            "dhcp_domain_name_server" => format!("{:?}", self.dhcp_domain_name_server),
+            "dhcp_lease_time" => format!("{:?}", self.dhcp_lease_time),
+            "dhcp_range" => format!("{:?}", self.dhcp_range),
+            "dhcp_host" => format!("{:?}", self.dhcp_host),
+            "dhcp_mtu" => format!("{:?}", self.dhcp_mtu),
+            "dhcp_lease_file" => format!("{:?}", self.dhcp_lease_file),
+            "dhcp_lease_grace" => format!("{:?}", self.dhcp_lease_grace),
+            _ => String::new(),
+        }
+    }
+
     /// A summary for the status page (no secrets).
     pub fn summary(&self, uplink: Option<&str>) -> Vec<(&'static str, String)> {
         let on = |b: bool| if b { "on" } else { "off" }.to_string();
@@ -831,6 +889,14 @@ mod tests {
         ] {
             let e = Config::default().apply_file_text("f", line).unwrap_err();
             assert!(e.to_string().contains(frag), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_restart_key_is_compared() {
+        let c = Config::default();
+        for k in RESTART_KEYS {
+            assert!(KEYS.iter().any(|x| x.name == *k) && !c.value_of(k).is_empty(), "{k}");
         }
     }
 

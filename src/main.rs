@@ -7,7 +7,7 @@ use clap::{Arg, ArgAction, Command};
 use wsnic::config::{Config, ConfigError, KEYS};
 use wsnic::netsetup::Network;
 use wsnic::relay::policy::{Dhcp, Policy};
-use wsnic::relay::{Relay, Settings};
+use wsnic::relay::{Exit, Relay, Settings};
 
 fn cli() -> Command {
     let mut cmd = Command::new("wsnic")
@@ -167,34 +167,19 @@ fn dhcp_server(cfg: &Config) -> Result<Option<wsnic::dhcp::server::Server>, Stri
 
 fn serve(cfg: &Config) -> Result<(), String> {
     // Signals are caught from here on, so an early SIGTERM still leads to a clean teardown.
-    let signals = signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .map_err(|e| format!("signals: {e}"))?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let signals =
+        signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("signals: {e}"))?;
     let dhcp = dhcp_server(cfg)?;
     if let Err(e) = wsnic::sys::raise_nofile_limit() {
         log::warn!("cannot raise the open-files limit: {e}");
     }
     let addr = std::net::SocketAddr::new(cfg.ws_server_addr, cfg.ws_server_port);
     let listener = Relay::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let settings = Settings {
-        tap_pattern: format!("{}%d", cfg.tap_prefix),
-        max_frame: cfg.max_frame_size,
-        ping_interval: cfg.ping_interval,
-        idle_timeout: cfg.idle_timeout,
-        handshake_timeout: cfg.handshake_timeout,
-        admission: wsnic::admission::Admission {
-            max_clients: cfg.max_clients,
-            max_per_ip: cfg.max_clients_per_ip,
-            trusted_proxies: cfg.trusted_proxies.clone(),
-            allowed_origins: cfg.allowed_origins.clone(),
-            token: cfg.auth_token.clone(),
-        },
-        isolation: cfg.client_isolation,
-        rate_limit: cfg.rate_limit,
-        status_allow: cfg.status_allow.clone(),
-        summary: Vec::new(),
-    };
+    let settings = settings_of(cfg);
     let mut net = Network::up(cfg)?;
     let settings = Settings { summary: cfg.summary(net.uplink.as_deref()), ..settings };
+
     let policy = Policy::new(
         dhcp.map(|s| Dhcp::new(s, cfg.bridge_addr(), net.bridge_mac, cfg.dhcp_lease_file.clone())),
         cfg.anti_spoofing,
@@ -216,9 +201,60 @@ fn serve(cfg: &Config) -> Result<(), String> {
         if cfg.nat && net.uplink.is_some() { "on" } else { "off" },
         if cfg.disable_dhcp { "off (passed to the bridge)" } else { "on" },
     );
-    let result = relay.run(net.bridge_index, net.netlink());
+    let result = loop {
+        match relay.run(net.bridge_index, net.netlink()) {
+            Ok(Exit::Reload) => reload(&mut relay, cfg, net.uplink.as_deref()),
+            other => break other,
+        }
+    };
     drop(relay); // closes every TAP before the bridge goes
     net.down();
     log::info!("network state restored; bye");
-    result.map_err(|e| format!("event loop: {e}"))
+    result.map(|_| ()).map_err(|e| format!("event loop: {e}"))
+}
+
+/// The event loop's settings for `cfg`.
+fn settings_of(cfg: &Config) -> Settings {
+    Settings {
+        tap_pattern: format!("{}%d", cfg.tap_prefix),
+        max_frame: cfg.max_frame_size,
+        ping_interval: cfg.ping_interval,
+        idle_timeout: cfg.idle_timeout,
+        handshake_timeout: cfg.handshake_timeout,
+        admission: wsnic::admission::Admission {
+            max_clients: cfg.max_clients,
+            max_per_ip: cfg.max_clients_per_ip,
+            trusted_proxies: cfg.trusted_proxies.clone(),
+            allowed_origins: cfg.allowed_origins.clone(),
+            token: cfg.auth_token.clone(),
+        },
+        isolation: cfg.client_isolation,
+        rate_limit: cfg.rate_limit,
+        status_allow: cfg.status_allow.clone(),
+        summary: Vec::new(),
+    }
+}
+
+/// SIGHUP: read the configuration again (file and command line, as at start). What can change
+/// while running takes effect for new connections; what cannot is named in the log. A bad
+/// file keeps the running configuration.
+fn reload(relay: &mut Relay, running: &Config, uplink: Option<&str>) {
+    let m = cli().get_matches();
+    let new = match load_config(&m) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("reload: {e}; keeping the running configuration");
+            return;
+        }
+    };
+    let restart: Vec<&str> =
+        wsnic::config::RESTART_KEYS.iter().copied().filter(|k| running.value_of(k) != new.value_of(k)).collect();
+    if !restart.is_empty() {
+        log::warn!("reload: {} changed but take effect only after a restart", restart.join(", "));
+    }
+    let settings = Settings { summary: new.summary(uplink), ..settings_of(&new) };
+    relay.update(settings, new.anti_spoofing);
+    log::info!(
+        "reload: configuration read again; limits, authentication, rate limit and timeouts apply to new connections"
+    );
 }

@@ -448,3 +448,41 @@ fn second_instance_with_the_same_bridge_refuses() {
     let mut g = Guest::connect(&ns, mac(80), ip(80));
     g.arp(GW); // the first one's bridge is still there and working
 }
+
+/// SIGHUP re-reads the file: limits change for new connections, settings that need a restart
+/// are named, a bad file keeps the running configuration, and connected clients stay.
+#[test]
+fn sighup_reloads_what_can_change() {
+    let ns = Netns::new("hup");
+    let dir = std::env::temp_dir().join(format!("wsnic-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("wsnic.conf");
+    std::fs::write(&f, "max_clients_per_ip=1\n").unwrap();
+    let mut w = Wsnic::start(&ns, &["-c", f.to_str().unwrap()]);
+    let (a, mut first) = support::handshake_with(&ns, "/", "");
+    assert_eq!(a, 101);
+    assert_eq!(support::handshake_with(&ns, "/", "").0, 429);
+
+    std::fs::write(&f, "max_clients_per_ip=2\nbridge_name=other0\n").unwrap();
+    w.signal("HUP");
+    let log = w.wait_log("reload: configuration read again", 5 * SEC);
+    assert!(log.contains("reload: bridge_name changed but take effect only after a restart"), "{log}");
+    let (b, _second) = support::handshake_with(&ns, "/", "");
+    assert_eq!(b, 101, "the new limit applies");
+
+    std::fs::write(&f, "max_clients_per_ip=banana\n").unwrap();
+    w.signal("HUP");
+    w.wait_log("keeping the running configuration", 5 * SEC);
+    assert_eq!(support::handshake_with(&ns, "/", "").0, 429, "still the limit of 2");
+    // The first client never noticed: it still gets answers (a ping).
+    first.write_all(&client_frame(9, b"alive?")).unwrap();
+    loop {
+        let (op, p) = read_frame(&mut first).unwrap();
+        if op == 0xA {
+            assert_eq!(p, b"alive?");
+            break;
+        }
+    }
+    assert!(ns.link_exists("wsnicbr0"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

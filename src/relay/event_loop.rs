@@ -40,6 +40,13 @@ const TICK: Duration = Duration::from_secs(1);
 /// Free buffers kept for reuse.
 const POOL_KEEP: usize = 64;
 
+/// Why [`Relay::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Shutdown,
+    Reload,
+}
+
 /// What the event loop needs to know.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -177,8 +184,10 @@ impl Relay {
         self.listener.local_addr()
     }
 
-    /// Run until SIGINT or SIGTERM; `netlink` attaches each new TAP to bridge `bridge_index`.
-    pub fn run(&mut self, bridge_index: u32, netlink: &mut Netlink) -> io::Result<()> {
+    /// Run until a signal: SIGINT/SIGTERM close every client and return [`Exit::Shutdown`];
+    /// SIGHUP returns [`Exit::Reload`] with every client still connected (call `run` again).
+    /// `netlink` attaches each new TAP to bridge `bridge_index`.
+    pub fn run(&mut self, bridge_index: u32, netlink: &mut Netlink) -> io::Result<Exit> {
         self.bridge_index = bridge_index;
         let mut events = Events::with_capacity(1024);
         let mut next_tick = Instant::now() + TICK;
@@ -206,10 +215,14 @@ impl Relay {
                 match ev.token() {
                     LISTENER => self.accept(now),
                     SIGNALS => {
-                        if let Some(sig) = self.signals.pending().next() {
+                        let pending: Vec<i32> = self.signals.pending().collect();
+                        if let Some(sig) = pending.iter().find(|s| **s != signal_hook::consts::SIGHUP) {
                             log::info!("signal {sig}: shutting down");
                             self.shutdown();
-                            return Ok(());
+                            return Ok(Exit::Shutdown);
+                        }
+                        if !pending.is_empty() {
+                            return Ok(Exit::Reload);
                         }
                     }
                     Token(t) => {
@@ -639,6 +652,19 @@ impl Relay {
                 self.finish(i, "server shutting down");
             }
         }
+    }
+
+    /// Settings that may change while running (SIGHUP): limits, authentication, rate limit,
+    /// timeouts, status access. New connections use them; a new rate limit applies to new
+    /// connections only.
+    pub fn update(&mut self, s: Settings, anti_spoofing: bool) {
+        self.settings = Settings {
+            tap_pattern: self.settings.tap_pattern.clone(),
+            max_frame: self.settings.max_frame,
+            isolation: self.settings.isolation,
+            ..s
+        };
+        self.policy.anti_spoofing = anti_spoofing;
     }
 
     /// Number of established clients.

@@ -7,4 +7,4 @@ pub mod pipe;
 pub mod policy;
 pub mod shaper;
 
-pub use event_loop::{Relay, Settings};
+pub use event_loop::{Exit, Relay, Settings};
