@@ -305,14 +305,7 @@ fn frame_rules_and_control_frames() {
     }
     // A frame over max_frame_size: close 1009.
     g.ws.send(Message::binary(vec![0u8; 1515])).unwrap();
-    let code = loop {
-        match g.ws.read() {
-            Ok(Message::Close(Some(c))) => break u16::from(c.code),
-            Ok(_) => {}
-            Err(e) => panic!("expected a close frame, got {e}"),
-        }
-    };
-    assert_eq!(code, 1009);
+    assert_eq!(g.close_code(), Some(1009));
     let log = w.wait_log("frame too big", 5 * SEC);
     assert!(log.contains("text 1, runt 1"), "{log}");
 

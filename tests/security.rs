@@ -151,14 +151,7 @@ fn reconnect_takes_over_from_the_stale_connection() {
     // behind one NAT share an address, and one must not evict another.
     let mut rival = Guest::connect(&ns, mac(9), Ipv4Addr::UNSPECIFIED);
     rival.send(frames::arp_request(mac(9), ip, GW));
-    let code = loop {
-        match rival.ws.read() {
-            Ok(tungstenite::Message::Close(c)) => break c.map(|c| u16::from(c.code)),
-            Ok(_) => {}
-            Err(e) => panic!("the rival was not closed with a Close frame: {e}"),
-        }
-    };
-    assert_eq!(code, Some(1008));
+    assert_eq!(rival.close_code(), Some(1008));
     // The old socket goes silent (the tab that held it is gone)…
     std::thread::sleep(Duration::from_millis(5500));
     let mut new = Guest::connect(&ns, mac(9), Ipv4Addr::UNSPECIFIED);
@@ -166,14 +159,7 @@ fn reconnect_takes_over_from_the_stale_connection() {
     let gw = new.arp(GW);
     new.send(frames::icmp_echo(8, mac(9), gw, ip, GW, 3, 1, b"new"));
     assert!(new.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((GW, ip, 0, 3, 1))).is_some(), "black-holed");
-    let closed = loop {
-        match old.ws.read() {
-            Ok(tungstenite::Message::Close(c)) => break c.map(|c| u16::from(c.code)),
-            Ok(_) => {}
-            Err(e) => panic!("the stale connection was not closed with a Close frame: {e}"),
-        }
-    };
-    assert_eq!(closed, Some(1001));
+    assert_eq!(old.close_code(), Some(1001));
     w.wait_log("taken over", 5 * SEC);
 }
 

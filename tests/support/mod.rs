@@ -356,6 +356,17 @@ impl Guest {
         }
     }
 
+    /// Read until the server's Close frame; its status code.
+    pub fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(c)) => return c.map(|c| u16::from(c.code)),
+                Ok(_) => {}
+                Err(e) => panic!("the connection was not closed with a Close frame: {e}"),
+            }
+        }
+    }
+
     /// Resolve `ip` by ARP, asking again every second as a guest kernel does (a bridge whose
     /// first port just came up may still lack carrier for the first request); returns its MAC.
     pub fn arp(&mut self, ip: Ipv4Addr) -> [u8; 6] {
