@@ -174,6 +174,10 @@ pub struct Config {
     /// Bytes per second, per client and direction.
     pub rate_limit: Option<u64>,
     pub status_allow: Vec<IpCidr>,
+    /// wss:// port (0: no TLS listener).
+    pub wss_port: u16,
+    pub wss_certificate: Option<std::path::PathBuf>,
+    pub wss_private_key: Option<std::path::PathBuf>,
     /// Where each key was last set ("wsnic.conf:12", "--bridge-name"); for error messages.
     origins: HashMap<&'static str, String>,
 }
@@ -183,6 +187,7 @@ pub struct Config {
 pub const RESTART_KEYS: &[&str] = &[
     "ws_server_addr",
     "ws_server_port",
+    "wss_port",
     "eth_iface",
     "bridge_subnet",
     "bridge_restrict_inbound",
@@ -350,6 +355,9 @@ pub const KEYS: &[Key] = &[
         default: "127.0.0.0/8, ::1",
         help: "addresses (CIDRs) that may see the status page and /metrics, which show client addresses",
     },
+    Key { name: "wss_port", default: "0", help: "TCP port of the wss:// (TLS) listener, on ws_server_addr (0: none)" },
+    Key { name: "wss_certificate", default: "", help: "PEM certificate chain for wss:// (leaf first)" },
+    Key { name: "wss_private_key", default: "", help: "PEM private key for wss://" },
 ];
 
 /// A configuration error, located: `wsnic.conf:12: bridge_subnet: ...`.
@@ -409,6 +417,9 @@ impl Default for Config {
             egress_deny: Vec::new(),
             rate_limit: None,
             status_allow: Vec::new(),
+            wss_port: 0,
+            wss_certificate: None,
+            wss_private_key: None,
             origins: HashMap::new(),
         };
         for k in KEYS {
@@ -473,15 +484,7 @@ impl Config {
         let v = value.trim();
         match key {
             "ws_server_addr" => self.ws_server_addr = parse_num(v, "an IP address")?,
-            "ws_server_port" => {
-                self.ws_server_port = parse_num(v, "a port number").and_then(|p: u16| {
-                    if p == 0 {
-                        Err("port 0 is not allowed".into())
-                    } else {
-                        Ok(p)
-                    }
-                })?
-            }
+            "ws_server_port" => self.ws_server_port = parse_num(v, "a port number (0: no ws:// listener)")?,
             "eth_iface" => self.eth_iface = opt(v).map(|v| check_ifname(v, 15)).transpose()?,
             "bridge_subnet" => {
                 let net: Ipv4Net = v.parse()?;
@@ -605,6 +608,9 @@ impl Config {
             "egress_deny" => self.egress_deny = parse_list(v)?,
             "rate_limit" => self.rate_limit = opt(v).map(parse_rate).transpose()?,
             "status_allow" => self.status_allow = parse_list(v)?,
+            "wss_port" => self.wss_port = parse_num(v, "a port number")?,
+            "wss_certificate" => self.wss_certificate = opt(v).map(std::path::PathBuf::from),
+            "wss_private_key" => self.wss_private_key = opt(v).map(std::path::PathBuf::from),
             _ => return Err("unknown key".into()),
         }
         Ok(())
@@ -679,6 +685,15 @@ impl Config {
                 );
             }
         }
+        if self.wss_port != 0 && (self.wss_certificate.is_none() || self.wss_private_key.is_none()) {
+            return err("wss_port", "wss:// needs wss_certificate and wss_private_key".into());
+        }
+        if self.ws_server_port == 0 && self.wss_port == 0 {
+            return err("ws_server_port", "0 turns ws:// off, and wss_port is 0 too: nothing would listen".into());
+        }
+        if self.ws_server_port != 0 && self.ws_server_port == self.wss_port {
+            return err("wss_port", "ws:// and wss:// need different ports".into());
+        }
         let net = self.bridge_subnet;
         let is_host = |ip: Ipv4Addr| net.contains(ip) && ip != net.network() && ip != net.broadcast();
         if let Some((a, b)) = self.dhcp_range {
@@ -714,6 +729,7 @@ impl Config {
         match key {
             "ws_server_addr" => format!("{:?}", self.ws_server_addr),
             "ws_server_port" => format!("{:?}", self.ws_server_port),
+            "wss_port" => format!("{:?}", self.wss_port),
             "eth_iface" => format!("{:?}", self.eth_iface),
             "bridge_subnet" => format!("{:?}", self.bridge_subnet),
             "bridge_restrict_inbound" => format!("{:?}", self.bridge_restrict_inbound),
@@ -743,7 +759,7 @@ impl Config {
     pub fn summary(&self, uplink: Option<&str>) -> Vec<(&'static str, String)> {
         let on = |b: bool| if b { "on" } else { "off" }.to_string();
         vec![
-            ("listen", format!("{}:{}", self.ws_server_addr, self.ws_server_port)),
+            ("listen", format!("{} ws:{} wss:{}", self.ws_server_addr, self.ws_server_port, self.wss_port)),
             ("bridge", format!("{} {}/{}", self.bridge_name, self.bridge_addr(), self.bridge_subnet.prefix)),
             ("uplink", uplink.unwrap_or("none").to_string()),
             ("nat", on(self.nat && uplink.is_some())),
@@ -813,6 +829,7 @@ mod tests {
         assert!(e.to_string().starts_with("w.conf:1: expected key=value"));
         for (line, frag) in [
             ("ws_server_port=80800", "not a port"),
+            ("wss_port=x", "not a port"),
             ("bridge_subnet=192.168.2.1/24", "did you mean 192.168.2.0/24"),
             ("bridge_restrict_inbound=maybe", "not a boolean"),
             ("max_frame_size=70000", "outside"),

@@ -10,6 +10,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -21,6 +22,7 @@ use signal_hook_mio::v1_0::Signals;
 
 use crate::relay::bufpool::BufPool;
 use crate::relay::pipe::{PassThrough, Pipe, Progress};
+use crate::relay::transport::Transport;
 use crate::sys::{format_mac, netlink::Netlink, stable_mac, tap::Tap};
 use crate::ws::handshake::{client_request, parse_response, Response};
 use crate::ws::{close_code, Role};
@@ -41,6 +43,8 @@ pub struct Options {
     pub max_frame: usize,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+    /// wss://: trust only this CA bundle (PEM) instead of the system's roots.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// Where to connect: `ws://HOST[:PORT][/PATH]`.
@@ -52,14 +56,19 @@ pub struct Target {
     pub host_header: String,
     /// Path and query.
     pub path: String,
+    /// wss://: TLS, verifying the server's certificate for `host`.
+    pub tls: bool,
+    /// The host name (or address) the certificate must name.
+    pub host: String,
 }
 
 pub fn parse_url(url: &str) -> Result<Target, String> {
-    let bad = || format!("bad URL {url:?}: expected ws://HOST[:PORT][/PATH]");
-    if url.starts_with("wss://") {
-        return Err(format!("{url}: wss:// (TLS) is not supported yet; use ws://, or a TLS-terminating proxy"));
-    }
-    let rest = url.strip_prefix("ws://").ok_or_else(bad)?;
+    let bad = || format!("bad URL {url:?}: expected ws://HOST[:PORT][/PATH] or wss://…");
+    let (tls, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(r), _) => (false, r),
+        (_, Some(r)) => (true, r),
+        _ => return Err(bad()),
+    };
     let (hostport, path) = match rest.find(['/', '?']) {
         Some(i) if rest[i..].starts_with('/') => (&rest[..i], rest[i..].to_string()),
         Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
@@ -78,15 +87,17 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
             None => (hostport.to_string(), None),
         }
     };
+    let default_port = if tls { 443 } else { 80 };
     let port: u16 = match port {
         Some(p) => p.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?,
-        None => 80,
+        None => default_port,
     };
     if host.is_empty() || host == "[]" {
         return Err(bad());
     }
-    let host_header = if port == 80 { host.clone() } else { format!("{host}:{port}") };
-    Ok(Target { authority: format!("{host}:{port}"), host_header, path })
+    let host_header = if port == default_port { host.clone() } else { format!("{host}:{port}") };
+    let name = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    Ok(Target { authority: format!("{host}:{port}"), host_header, path, tls, host: name })
 }
 
 /// How one WebSocket session ended.
@@ -165,12 +176,11 @@ fn session(
     pool: &mut BufPool,
 ) -> (Tap, End) {
     let lost = |reason: String| End::Lost { reason, established: false };
-    let (stream, peer, early) = match handshake(target) {
+    let (mut sock, peer, early) = match handshake(target, opts) {
         Ok(x) => x,
         Err(reason) => return (tap, lost(reason)),
     };
     let tap_fd = tap.as_raw_fd();
-    let mut sock = TcpStream::from_std(stream);
     let reg = poll.registry();
     if let Err(e) = reg
         .register(&mut sock, SOCK, Interest::READABLE | Interest::WRITABLE)
@@ -258,7 +268,53 @@ fn session(
 
 /// TCP connect and the opening handshake; returns the stream (non-blocking), the peer and
 /// any WebSocket bytes that came with the response.
-fn handshake(target: &Target) -> Result<(std::net::TcpStream, SocketAddr, Vec<u8>), String> {
+/// The TLS client configuration: the CA bundle given, or the system's roots.
+fn tls_client(opts: &Options) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &opts.ca {
+        Some(path) => {
+            let certs = crate::tls::load_certs(path)?;
+            for c in certs {
+                roots.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err("no system CA certificates found; give one with --ca FILE".into());
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// TCP connect, TLS for wss://, and the opening handshake (blocking, with timeouts). Returns
+/// the transport (non-blocking from then on), the peer and any WebSocket bytes that came with
+/// the response.
+fn handshake(target: &Target, opts: &Options) -> Result<(Transport, SocketAddr, Vec<u8>), String> {
+    let (s, peer, early, tls) = handshake_io(target, opts)?;
+    let io = |e: std::io::Error| format!("handshake with {}: {e}", target.authority);
+    s.set_nonblocking(true).map_err(io)?;
+    let sock = TcpStream::from_std(s);
+    let transport = match tls {
+        Some(conn) => Transport::Tls(sock, Box::new(conn.into())),
+        None => Transport::Plain(sock),
+    };
+    Ok((transport, peer, early))
+}
+
+type Handshaken = (std::net::TcpStream, SocketAddr, Vec<u8>, Option<rustls::ClientConnection>);
+
+fn handshake_io(target: &Target, opts: &Options) -> Result<Handshaken, String> {
     let addrs: Vec<SocketAddr> =
         target.authority.to_socket_addrs().map_err(|e| format!("cannot resolve {}: {e}", target.authority))?.collect();
     let mut last = None;
@@ -278,12 +334,28 @@ fn handshake(target: &Target) -> Result<(std::net::TcpStream, SocketAddr, Vec<u8
     let _ = s.set_nodelay(true);
     let io = |e: std::io::Error| format!("handshake with {}: {e}", target.authority);
     s.set_read_timeout(Some(CONNECT_TIMEOUT)).map_err(io)?;
+    let mut tls = match target.tls {
+        false => None,
+        true => {
+            let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+                .map_err(|e| format!("{}: {e}", target.host))?;
+            Some(rustls::ClientConnection::new(tls_client(opts)?, name).map_err(|e| format!("TLS: {e}"))?)
+        }
+    };
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
-    s.write_all(&client_request(&target.host_header, &target.path, &key)).map_err(io)?;
+    let request = client_request(&target.host_header, &target.path, &key);
+    let tls_err = |e: std::io::Error| format!("TLS with {}: {e}", target.authority);
+    match &mut tls {
+        Some(c) => rustls::Stream::new(c, &mut s).write_all(&request).map_err(tls_err)?,
+        None => s.write_all(&request).map_err(io)?,
+    }
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
-        let n = s.read(&mut chunk).map_err(io)?;
+        let n = match &mut tls {
+            Some(c) => rustls::Stream::new(c, &mut s).read(&mut chunk).map_err(tls_err)?,
+            None => s.read(&mut chunk).map_err(io)?,
+        };
         if n == 0 {
             return Err(format!("handshake with {}: connection closed by the server", target.authority));
         }
@@ -291,8 +363,8 @@ fn handshake(target: &Target) -> Result<(std::net::TcpStream, SocketAddr, Vec<u8
         match parse_response(&buf, &key) {
             Response::Partial => continue,
             Response::Accepted { head_len } => {
-                s.set_nonblocking(true).map_err(io)?;
-                return Ok((s, peer, buf.split_off(head_len)));
+                let early = buf.split_off(head_len);
+                return Ok((s, peer, early, tls));
             }
             Response::Refused { status, reason } => {
                 return Err(format!("handshake refused by {}: {status} {reason}", target.authority))
@@ -323,6 +395,10 @@ mod tests {
         for bad in ["http://x/", "ws://", "ws://:80/", "ws://h:0/", "ws://h:99999/", "127.0.0.1:8070", "ws://u@h/"] {
             assert!(parse_url(bad).unwrap_err().starts_with("bad URL"), "{bad}");
         }
-        assert!(parse_url("wss://h/").unwrap_err().contains("TLS"));
+        let t = parse_url("wss://relay.example/x").unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.host_header.as_str(), t.tls, t.host.as_str()),
+            ("relay.example:443", "relay.example", true, "relay.example")
+        );
     }
 }

@@ -9,5 +9,6 @@ pub mod netsetup;
 pub mod relay;
 pub mod status;
 pub mod sys;
+pub mod tls;
 pub mod wire;
 pub mod ws;

@@ -29,9 +29,10 @@ fn cli() -> Command {
         .subcommand(
             Command::new("connect")
                 .about("Put this machine on a relay's LAN: a local TAP device carried over one WebSocket, as a browser VM does")
-                .arg(Arg::new("url").required(true).value_name("URL").help("the relay, ws://HOST[:PORT][/PATH]"))
+                .arg(Arg::new("url").required(true).value_name("URL").help("the relay, ws://HOST[:PORT][/PATH] or wss://HOST[:PORT][/PATH]"))
                 .arg(Arg::new("tap").long("tap").value_name("NAME").default_value("wstap%d").help("TAP device name; %d lets the kernel pick a number"))
                 .arg(Arg::new("mac").long("mac").value_name("MAC").help("MAC address of the TAP (default: a stable locally administered one, derived from this machine and the TAP's name)"))
+                .arg(Arg::new("ca").long("ca").value_name("FILE").help("wss://: trust this CA bundle (PEM) instead of the system's roots"))
                 .arg(Arg::new("max-frame-size").long("max-frame-size").value_name("BYTES").default_value("65549").help("largest frame accepted from the relay, 1514..65549")),
         );
     for k in KEYS {
@@ -125,6 +126,7 @@ fn connect(m: &clap::ArgMatches) -> ExitCode {
         max_frame,
         ping_interval: std::time::Duration::from_secs(30),
         idle_timeout: std::time::Duration::from_secs(100),
+        ca: arg("ca").map(PathBuf::from),
     };
     match wsnic::connect::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,8 +176,18 @@ fn serve(cfg: &Config) -> Result<(), String> {
     if let Err(e) = wsnic::sys::raise_nofile_limit() {
         log::warn!("cannot raise the open-files limit: {e}");
     }
-    let addr = std::net::SocketAddr::new(cfg.ws_server_addr, cfg.ws_server_port);
-    let listener = Relay::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let bind = |port: u16| -> Result<Option<std::net::TcpListener>, String> {
+        if port == 0 {
+            return Ok(None);
+        }
+        let addr = std::net::SocketAddr::new(cfg.ws_server_addr, port);
+        Relay::bind(addr).map(Some).map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let listener = bind(cfg.ws_server_port)?;
+    let tls_listener = match (bind(cfg.wss_port)?, &cfg.wss_certificate, &cfg.wss_private_key) {
+        (Some(l), Some(cert), Some(key)) => Some((l, wsnic::tls::server_config(cert, key)?)),
+        _ => None,
+    };
     let settings = settings_of(cfg);
     let mut net = Network::up(cfg)?;
     let settings = Settings { summary: cfg.summary(net.uplink.as_deref()), ..settings };
@@ -184,7 +196,7 @@ fn serve(cfg: &Config) -> Result<(), String> {
         dhcp.map(|s| Dhcp::new(s, cfg.bridge_addr(), net.bridge_mac, cfg.dhcp_lease_file.clone())),
         cfg.anti_spoofing,
     );
-    let mut relay = match Relay::new(listener, settings, policy, signals) {
+    let mut relay = match Relay::new(listener, tls_listener, settings, policy, signals) {
         Ok(r) => r,
         Err(e) => {
             net.down();
@@ -192,8 +204,14 @@ fn serve(cfg: &Config) -> Result<(), String> {
         }
     };
     log::info!(
-        "wsnic {} listening on ws://{addr}/ — bridge {} {}/{}, uplink {}, NAT {}, DHCP {}",
+        "wsnic {} listening on {} — bridge {} {}/{}, uplink {}, NAT {}, DHCP {}",
         env!("CARGO_PKG_VERSION"),
+        [("ws", cfg.ws_server_port), ("wss", cfg.wss_port)]
+            .iter()
+            .filter(|(_, p)| *p != 0)
+            .map(|(s, p)| format!("{s}://{}/", std::net::SocketAddr::new(cfg.ws_server_addr, *p)))
+            .collect::<Vec<_>>()
+            .join(" and "),
         cfg.bridge_name,
         cfg.bridge_addr(),
         cfg.bridge_subnet.prefix,
@@ -254,6 +272,15 @@ fn reload(relay: &mut Relay, running: &Config, uplink: Option<&str>) {
     }
     let settings = Settings { summary: new.summary(uplink), ..settings_of(&new) };
     relay.update(settings, new.anti_spoofing);
+    if let (Some(cert), Some(key)) = (&new.wss_certificate, &new.wss_private_key) {
+        match wsnic::tls::server_config(cert, key) {
+            Ok(tls) => {
+                relay.set_tls(tls);
+                log::info!("reload: TLS certificate {} loaded for new wss:// connections", cert.display());
+            }
+            Err(e) => log::error!("reload: {e}; keeping the current certificate"),
+        }
+    }
     log::info!(
         "reload: configuration read again; limits, authentication, rate limit and timeouts apply to new connections"
     );

@@ -6,12 +6,13 @@
 //! Timers (handshake timeout, keepalive, lingering closes) are checked by a sweep once a
 //! second, which costs nothing per frame.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
@@ -19,6 +20,7 @@ use signal_hook_mio::v1_0::Signals;
 use super::bufpool::BufPool;
 use super::pipe::{Ending, Pipe, Progress};
 use super::policy::Policy;
+use super::transport::Transport;
 use crate::admission::{client_ip, Admission, Refused};
 use crate::logging::RateLimited;
 use crate::sys::netlink::Netlink;
@@ -27,6 +29,7 @@ use crate::ws::handshake::{self, Outcome, Refusal};
 use crate::ws::{close_code, Role};
 
 const LISTENER: Token = Token(usize::MAX);
+const LISTENER_TLS: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 1);
 /// Connections still in their handshake, at most; more are closed at once (each holds a socket
 /// and up to 8 KiB until `handshake_timeout`).
@@ -69,7 +72,7 @@ pub struct Settings {
 
 /// A connection still in its opening handshake.
 struct Pending {
-    sock: TcpStream,
+    sock: Transport,
     peer: SocketAddr,
     head: Vec<u8>,
     since: Instant,
@@ -83,7 +86,10 @@ enum Slot {
 
 pub struct Relay {
     poll: Poll,
-    listener: TcpListener,
+    /// ws:// (None when `ws_server_port=0`).
+    listener: Option<TcpListener>,
+    /// wss://, with the TLS configuration new connections use (SIGHUP may replace it).
+    tls_listener: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     signals: Signals,
     settings: Settings,
     slots: Vec<Slot>,
@@ -130,20 +136,27 @@ impl Relay {
     /// `signals` (SIGINT, SIGTERM) is created by the caller before it changes the network, so a
     /// signal that arrives during setup still leads to an orderly teardown.
     pub fn new(
-        listener: std::net::TcpListener,
+        listener: Option<std::net::TcpListener>,
+        tls_listener: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
         settings: Settings,
         policy: Policy,
         mut signals: Signals,
     ) -> io::Result<Relay> {
-        listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(listener);
         let poll = Poll::new()?;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mio_listener = |l: std::net::TcpListener, token| -> io::Result<TcpListener> {
+            l.set_nonblocking(true)?;
+            let mut l = TcpListener::from_std(l);
+            poll.registry().register(&mut l, token, Interest::READABLE)?;
+            Ok(l)
+        };
+        let listener = listener.map(|l| mio_listener(l, LISTENER)).transpose()?;
+        let tls_listener = tls_listener.map(|(l, c)| mio_listener(l, LISTENER_TLS).map(|l| (l, c))).transpose()?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let pool = BufPool::new(Pipe::buffer_size_for(settings.max_frame), POOL_KEEP);
         Ok(Relay {
             poll,
             listener,
+            tls_listener,
             signals,
             settings,
             slots: Vec::new(),
@@ -180,8 +193,11 @@ impl Relay {
         Ok(s.into())
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+    /// Use `cfg` for new wss:// connections (a reloaded certificate).
+    pub fn set_tls(&mut self, cfg: Arc<rustls::ServerConfig>) {
+        if let Some((_, c)) = &mut self.tls_listener {
+            *c = cfg;
+        }
     }
 
     /// Run until a signal: SIGINT/SIGTERM close every client and return [`Exit::Shutdown`];
@@ -213,7 +229,8 @@ impl Relay {
             }
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(now),
+                    LISTENER => self.accept(now, false),
+                    LISTENER_TLS => self.accept(now, true),
                     SIGNALS => {
                         let pending: Vec<i32> = self.signals.pending().collect();
                         if let Some(sig) = pending.iter().find(|s| **s != signal_hook::consts::SIGHUP) {
@@ -314,9 +331,14 @@ impl Relay {
         self.runq_spare = batch; // two vectors, swapped: no allocation per pass
     }
 
-    fn accept(&mut self, now: Instant) {
+    fn accept(&mut self, now: Instant, tls: bool) {
         loop {
-            let (mut sock, peer) = match self.listener.accept() {
+            let accepted = match (tls, &self.listener, &self.tls_listener) {
+                (false, Some(l), _) => l.accept(),
+                (true, _, Some((l, _))) => l.accept(),
+                _ => return,
+            };
+            let (sock, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -351,6 +373,17 @@ impl Relay {
                     self.queued.push(false);
                     self.slots.len() - 1
                 }
+            };
+            let mut sock = match &self.tls_listener {
+                Some((_, cfg)) if tls => match Transport::tls_server(sock, cfg.clone()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        log::warn!("{peer}: TLS: {e}");
+                        self.free.push(i);
+                        continue;
+                    }
+                },
+                _ => Transport::Plain(sock),
             };
             if let Err(e) =
                 self.poll.registry().register(&mut sock, sock_token(i), Interest::READABLE | Interest::WRITABLE)

@@ -6,5 +6,6 @@ pub mod event_loop;
 pub mod pipe;
 pub mod policy;
 pub mod shaper;
+pub mod transport;
 
 pub use event_loop::{Exit, Relay, Settings};

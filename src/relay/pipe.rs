@@ -14,14 +14,13 @@
 //! returns `WouldBlock`. Each pass moves at most [`BUDGET`] frames per direction, so one busy
 //! client cannot starve the others; [`Progress::Again`] asks to be run again.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
-
 use super::bufpool::BufPool;
 use super::shaper::Bucket;
+use super::transport::Transport;
 use crate::sys::tap::Tap;
 use crate::ws::conn::close_payload;
 use crate::ws::frame::{apply_mask, encode_header, header_len, Opcode, MAX_HEADER};
@@ -163,7 +162,8 @@ enum Stalled {
 pub struct Pipe {
     /// Unique for the life of the process (the DHCP server ties leases to it).
     pub id: u64,
-    pub sock: TcpStream,
+    /// The WebSocket's byte stream: plain TCP or TLS.
+    pub sock: Transport,
     pub tap: Tap,
     pub peer: SocketAddr,
     /// The client's address (the peer, or what a trusted proxy said).
@@ -205,7 +205,7 @@ impl Pipe {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: u64,
-        sock: TcpStream,
+        sock: Transport,
         tap: Tap,
         peer: SocketAddr,
         role: Role,
@@ -348,8 +348,9 @@ impl Pipe {
     }
 
     /// Bytes queued for the client and not yet written.
+    /// (TLS records rustls has not handed to the socket yet count as one byte.)
     pub fn pending_output(&self) -> usize {
-        self.out_end - self.out_start
+        self.out_end - self.out_start + usize::from(self.sock.wants_write())
     }
 
     /// Write queued output; returns Err only for a dead socket.
@@ -367,6 +368,12 @@ impl Pipe {
         if self.out_start == self.out_end {
             self.out_start = 0;
             self.out_end = 0;
+        }
+        if self.sock_writable {
+            match self.sock.flush_tls() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.sock_writable = false,
+                r => r?,
+            }
         }
         Ok(())
     }

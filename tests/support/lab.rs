@@ -52,6 +52,12 @@ impl Lab {
     /// A new guest namespace, its control link, and `wsnic connect` creating `tap` with `mac`.
     /// Returns the guest's index.
     pub fn add_guest(&mut self, tap: &str, mac: &str) -> usize {
+        self.add_guest_with(tap, mac, &|relay_ip| format!("ws://{relay_ip}:8070/"), &[])
+    }
+
+    /// Like [`Lab::add_guest`], with the URL made from the relay's address on the control link
+    /// and extra `wsnic connect` arguments.
+    pub fn add_guest_with(&mut self, tap: &str, mac: &str, url: &dyn Fn(&str) -> String, extra: &[&str]) -> usize {
         let i = self.guests.len();
         let g = Netns::new(&format!("g{i}"));
         let (r_ip, g_ip) = (format!("203.0.113.{}", 4 * i + 1), format!("203.0.113.{}", 4 * i + 2));
@@ -59,17 +65,19 @@ impl Lab {
         self.relay.veth(&ctl, &g, "ctl0");
         self.relay.ip(&["addr", "add", &format!("{r_ip}/30"), "dev", &ctl]);
         g.ip(&["addr", "add", &format!("{g_ip}/30"), "dev", "ctl0"]);
-        let url = format!("ws://{r_ip}:8070/");
+        let url = url(&r_ip);
         self.guests.push(g);
-        let pid = self.connect(i, &url, tap, mac);
+        let pid = self.connect(i, &url, tap, mac, extra);
         self.connect_pids.push(pid);
         i
     }
 
     /// Start `wsnic connect` in guest `i` and wait for its TAP.
-    pub fn connect(&self, i: usize, url: &str, tap: &str, mac: &str) -> u32 {
+    pub fn connect(&self, i: usize, url: &str, tap: &str, mac: &str, extra: &[&str]) -> u32 {
         let g = &self.guests[i];
-        let pid = g.spawn(BIN, &["connect", url, "--tap", tap, "--mac", mac], &self.logs.join(format!("g{i}.log")));
+        let mut args = vec!["connect", url, "--tap", tap, "--mac", mac];
+        args.extend_from_slice(extra);
+        let pid = g.spawn(BIN, &args, &self.logs.join(format!("g{i}.log")));
         assert!(
             eventually(Duration::from_secs(10), || g.link_exists(tap)),
             "no TAP in guest {i}: {}",
