@@ -250,6 +250,8 @@ fn session(
             again |= pipe.pending_output() > 0;
         }
     };
+    // TLS: say goodbye properly (close_notify), so proxies in front do not log a truncation.
+    let _ = pipe.sock.shutdown(std::net::Shutdown::Write);
     let s = pipe.stats;
     log::info!(
         "session on {} ended after {:.1}s: sent {} frames {} bytes, received {} frames {} bytes, dropped {}",

@@ -110,6 +110,8 @@ fn wss_carries_traffic_and_a_wrong_ca_is_a_clear_error() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("certificate") && err.contains("TLS"), "{err}");
     assert!(!lab.guests[g].link_exists("wstap9"));
+    // The relay says why, too: the usual wss:// setup problem should not hide in debug output.
+    lab.wsnic.as_mut().unwrap().wait_log("TLS handshake failed", 5 * SEC);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -402,33 +402,44 @@ impl Relay {
     /// Read the request head; answer it; on success the slot becomes a client with a TAP.
     fn handshake(&mut self, i: usize, now: Instant, netlink: &mut Netlink) {
         let Slot::Pending(p) = &mut self.slots[i] else { return };
+        // TLS handshake records that a full socket did not take earlier go out on this event
+        // (it may be the writable one); plain TCP has none.
+        let _ = p.sock.flush_tls();
         let mut chunk = [0u8; 4096];
         let outcome = loop {
             match p.sock.read(&mut chunk) {
-                Ok(0) => break None,
+                Ok(0) => break Ok(None),
                 Ok(n) => {
                     p.head.extend_from_slice(&chunk[..n]);
                     match handshake::parse_request(&p.head) {
                         Outcome::Partial => continue,
-                        o => break Some(o),
+                        o => break Ok(Some(o)),
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break None,
+                Err(e) => break Err(e),
             }
         };
         let Slot::Pending(mut p) = std::mem::replace(&mut self.slots[i], Slot::Free) else { unreachable!() };
         self.pending_done(p.peer.ip());
         match outcome {
-            None => {
+            Err(e) if p.sock.is_tls() => {
+                // The usual wss:// setup problem (certificate not trusted, plain HTTP to the TLS
+                // port) shows here: worth a line, rate-limited.
+                if let Some(held) = self.pending_log.allow(now) {
+                    log::info!("{}: TLS handshake failed: {e} ({held} more not logged)", p.peer);
+                }
+                self.freed.push(i);
+            }
+            Err(_) | Ok(None) => {
                 log::debug!("{}: closed during handshake", p.peer);
                 self.freed.push(i);
             }
-            Some(Outcome::Refuse(r)) => self.refuse(i, p, Refused::Malformed, r, now),
-            Some(Outcome::Plain { path }) => self.serve_http(i, p, &path, now),
-            Some(Outcome::Partial) => unreachable!(),
-            Some(Outcome::Upgrade(u)) => {
+            Ok(Some(Outcome::Refuse(r))) => self.refuse(i, p, Refused::Malformed, r, now),
+            Ok(Some(Outcome::Plain { path })) => self.serve_http(i, p, &path, now),
+            Ok(Some(Outcome::Partial)) => unreachable!(),
+            Ok(Some(Outcome::Upgrade(u))) => {
                 let ip = client_ip(p.peer.ip(), u.forwarded_for.as_deref(), &self.settings.admission.trusted_proxies);
                 let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
                 if let Err((why, r)) = self.settings.admission.check(&u, self.clients, from_ip) {

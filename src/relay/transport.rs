@@ -17,10 +17,6 @@ pub enum Transport {
     Tls(TcpStream, Box<rustls::Connection>),
 }
 
-fn would_block() -> io::Error {
-    io::ErrorKind::WouldBlock.into()
-}
-
 impl Transport {
     /// TLS server side over an accepted socket.
     pub fn tls_server(sock: TcpStream, cfg: Arc<rustls::ServerConfig>) -> io::Result<Transport> {
@@ -87,8 +83,10 @@ impl Transport {
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
             _ => {}
         }
+        // The queue was just flushed, so rustls takes at least part of `buf`; were it to take
+        // nothing, WouldBlock would wait for a writable event that might never come.
         if n == 0 {
-            return Err(would_block());
+            return Err(io::ErrorKind::WriteZero.into());
         }
         Ok(n)
     }
