@@ -75,6 +75,13 @@ fn wss_guest(lab: &mut Lab, ca: &Path, last_octet: u8) -> usize {
     i
 }
 
+/// `wsnic connect -q wss://RELAY_IP:8443/ --tap TAP --ca CA`, to run in `ns`.
+fn wss_connect(ns: &support::Netns, tap: &str, ca: &Path) -> Command {
+    let mut c = ns.cmd(support::BIN);
+    c.args(["connect", "-q", &format!("wss://{RELAY_IP}:8443/"), "--tap", tap, "--ca", ca.to_str().unwrap()]);
+    c
+}
+
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("wsnic-tls-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -92,19 +99,7 @@ fn wss_carries_traffic_and_a_wrong_ca_is_a_clear_error() {
     lab.wsnic.as_mut().unwrap().wait_log("connected on", 5 * SEC);
 
     // The same relay with a CA that did not sign its certificate: one clear line, exit 1.
-    let out = lab.guests[g]
-        .cmd(support::BIN)
-        .args([
-            "connect",
-            "-q",
-            &format!("wss://{RELAY_IP}:8443/"),
-            "--tap",
-            "wstap9",
-            "--ca",
-            other_ca.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = wss_connect(&lab.guests[g], "wstap9", &other_ca).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -137,22 +132,8 @@ fn sighup_swaps_the_certificate_for_new_connections() {
     lab.wsnic.as_ref().unwrap().signal("HUP");
     lab.wsnic.as_mut().unwrap().wait_log("TLS certificate", 5 * SEC);
 
-    let probe = |ca: &Path| {
-        lab.guests[old]
-            .cmd(support::BIN)
-            .args([
-                "connect",
-                "-q",
-                &format!("wss://{RELAY_IP}:8443/"),
-                "--tap",
-                "probe0",
-                "--ca",
-                ca.to_str().unwrap(),
-            ])
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let probe =
+        |ca: &Path| wss_connect(&lab.guests[old], "probe0", ca).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // With the new CA a new connection succeeds (its TAP appears and stays)…
     let mut ok = probe(&ca2);
     assert!(eventually(5 * SEC, || lab.guests[old].link_exists("probe0")), "new CA refused");

@@ -13,11 +13,6 @@ impl BufPool {
         BufPool { size, max_free, free: Vec::new() }
     }
 
-    /// Size of every buffer.
-    pub fn buf_size(&self) -> usize {
-        self.size
-    }
-
     pub fn get(&mut self) -> Box<[u8]> {
         self.free.pop().unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice())
     }

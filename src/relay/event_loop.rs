@@ -710,11 +710,6 @@ impl Relay {
         };
         self.policy.anti_spoofing = anti_spoofing;
     }
-
-    /// Number of established clients.
-    pub fn client_count(&self) -> usize {
-        self.clients
-    }
 }
 
 /// The request target with any token hidden, for the log.

@@ -394,11 +394,6 @@ impl Pipe {
         }
     }
 
-    /// Does this connection hold pool buffers now?
-    pub fn holds_buffers(&self) -> (bool, bool) {
-        (self.inb.is_some(), self.outb.is_some())
-    }
-
     /// Keepalive: ping a silent client, end an idle one.
     pub fn tick(
         &mut self,
