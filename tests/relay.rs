@@ -65,6 +65,8 @@ fn handshakes_accepted_and_refused() {
     // tungstenite insists that an offered protocol be selected; the relay selects none.
     let err = tungstenite::client(req, stream).map(|_| ()).unwrap_err().to_string();
     assert!(err.contains("SubProtocol") || err.to_lowercase().contains("protocol"), "{err}");
+    // That connection got a TAP; the reaper thread removes it shortly after it ended.
+    assert!(eventually(5 * SEC, || ns.bridge_ports("wsnicbr0").is_empty()), "{:?}", ns.bridge_ports("wsnicbr0"));
 
     let mut g = Guest::connect(&ns, mac(1), Ipv4Addr::UNSPECIFIED);
     w.wait_log("connected on wsnic0", 5 * SEC);

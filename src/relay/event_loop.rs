@@ -20,6 +20,7 @@ use signal_hook_mio::v1_0::Signals;
 use super::bufpool::BufPool;
 use super::pipe::{Ending, Pipe, Progress};
 use super::policy::Policy;
+use super::reaper::Reaper;
 use super::transport::Transport;
 use crate::admission::{client_ip, Admission, Refused};
 use crate::logging::RateLimited;
@@ -123,6 +124,8 @@ pub struct Relay {
     /// One log limiter per refusal reason, so a flood of one kind cannot hide another.
     refusal_log: [RateLimited; 6],
     pending_log: RateLimited,
+    /// Deletes the TAPs of finished clients off this thread (started by `run`).
+    reaper: Option<Reaper>,
 }
 
 fn sock_token(i: usize) -> Token {
@@ -180,6 +183,7 @@ impl Relay {
             pending_log: RateLimited::new(Duration::from_secs(10)),
             totals: Default::default(),
             started: Instant::now(),
+            reaper: None,
         })
     }
 
@@ -205,6 +209,13 @@ impl Relay {
     /// `netlink` attaches each new TAP to bridge `bridge_index`.
     pub fn run(&mut self, bridge_index: u32, netlink: &mut Netlink) -> io::Result<Exit> {
         self.bridge_index = bridge_index;
+        if self.reaper.is_none() {
+            match Reaper::start(bridge_index) {
+                Ok(r) => self.reaper = Some(r),
+                // TAPs then close on this thread: correct, only slower.
+                Err(e) => log::warn!("cannot start the TAP reaper thread: {e}"),
+            }
+        }
         let mut events = Events::with_capacity(1024);
         let mut next_tick = Instant::now() + TICK;
         loop {
@@ -653,6 +664,10 @@ impl Relay {
         }
         self.clients -= 1;
         self.freed.push(i);
+        let _ = self.poll.registry().deregister(&mut SourceFd(&c.tap.as_raw_fd()));
+        if let Some(r) = &self.reaper {
+            r.reap(c.into_tap());
+        }
     }
 
     /// Once a second: handshake timeouts, keepalive pings, idle timeouts, lingering closes.

@@ -5,6 +5,7 @@ pub mod bufpool;
 pub mod event_loop;
 pub mod pipe;
 pub mod policy;
+pub mod reaper;
 pub mod shaper;
 pub mod transport;
 

@@ -102,6 +102,23 @@ impl Netlink {
         ignore_errno(self.ack(RouteNetlinkMessage::DelLink(link_msg(index)), 0), &[libc::ENODEV])
     }
 
+    /// Set link `index` down and put it in device group `group`, in one request (a device
+    /// that is already gone is not an error).
+    pub fn set_down_in_group(&mut self, index: u32, group: u32) -> io::Result<()> {
+        let mut msg = link_msg(index);
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes.push(LinkAttribute::Group(group));
+        ignore_errno(self.ack(RouteNetlinkMessage::NewLink(msg), 0), &[libc::ENODEV])
+    }
+
+    /// Delete every link in device group `group` with one request: the kernel unregisters
+    /// them together and waits for one RCU grace period instead of one per device.
+    pub fn delete_group(&mut self, group: u32) -> io::Result<()> {
+        let mut msg = link_msg(0);
+        msg.attributes.push(LinkAttribute::Group(group));
+        ignore_errno(self.ack(RouteNetlinkMessage::DelLink(msg), 0), &[libc::ENODEV])
+    }
+
     /// Set link `index` administratively up.
     pub fn set_up(&mut self, index: u32) -> io::Result<()> {
         self.ack(RouteNetlinkMessage::NewLink(up_msg(index)), 0)
