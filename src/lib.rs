@@ -6,6 +6,7 @@ pub mod connect;
 pub mod dhcp;
 pub mod logging;
 pub mod netsetup;
+pub mod offload;
 pub mod relay;
 pub mod status;
 pub mod sys;
