@@ -146,6 +146,8 @@ pub struct Config {
     pub tap_prefix: String,
     pub nat: bool,
     pub max_frame_size: usize,
+    /// Open TAPs with IFF_VNET_HDR and TCP/UDP segmentation offload.
+    pub tap_offload: bool,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -195,6 +197,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "tap_prefix",
     "nat",
     "max_frame_size",
+    "tap_offload",
     "client_isolation",
     "egress_policy",
     "egress_allow",
@@ -257,6 +260,11 @@ pub const KEYS: &[Key] = &[
         default: "65549",
         help:
             "largest Ethernet frame (bytes, without FCS) a client may send or receive, 1514..65549; larger: close 1009",
+    },
+    Key {
+        name: "tap_offload",
+        default: "false",
+        help: "TAP offload: the kernel hands TCP/UDP super-frames to wsnic, which cuts them into real frames for the client and merges a client's TCP segments (fewer system calls)",
     },
     Key { name: "ping_interval", default: "30s", help: "a client silent this long gets a WebSocket PING" },
     Key {
@@ -392,6 +400,7 @@ impl Default for Config {
             tap_prefix: String::new(),
             nat: false,
             max_frame_size: 0,
+            tap_offload: false,
             ping_interval: Duration::ZERO,
             idle_timeout: Duration::ZERO,
             handshake_timeout: Duration::ZERO,
@@ -507,6 +516,7 @@ impl Config {
                 }
                 self.max_frame_size = n;
             }
+            "tap_offload" => self.tap_offload = parse_bool(v)?,
             "ping_interval" => self.ping_interval = parse_duration(v)?,
             "idle_timeout" => self.idle_timeout = parse_duration(v)?,
             "handshake_timeout" => self.handshake_timeout = parse_duration(v)?,
@@ -737,6 +747,7 @@ impl Config {
             "tap_prefix" => format!("{:?}", self.tap_prefix),
             "nat" => format!("{:?}", self.nat),
             "max_frame_size" => format!("{:?}", self.max_frame_size),
+            "tap_offload" => format!("{:?}", self.tap_offload),
             "client_isolation" => format!("{:?}", self.client_isolation),
             "egress_policy" => format!("{:?}", self.egress_policy),
             "egress_allow" => format!("{:?}", self.egress_allow),
@@ -771,6 +782,7 @@ impl Config {
             ("egress_policy", on(self.egress_policy)),
             ("rate_limit", self.rate_limit.map_or("none".into(), |r| format!("{} kbit/s", r * 8 / 1000))),
             ("max_frame_size", self.max_frame_size.to_string()),
+            ("tap_offload", on(self.tap_offload)),
         ]
     }
 

@@ -41,6 +41,8 @@ pub struct Options {
     pub tap: String,
     pub mac: Option<[u8; 6]>,
     pub max_frame: usize,
+    /// Open the TAP with `IFF_VNET_HDR` and segmentation offload.
+    pub offload: bool,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     /// wss://: trust only this CA bundle (PEM) instead of the system's roots.
@@ -114,9 +116,14 @@ enum End {
 /// (bad address, connection refused, handshake refused): the user likely mistyped.
 pub fn run(opts: &Options) -> Result<(), String> {
     let target = parse_url(&opts.url)?;
-    let mut tap = Tap::create(&opts.tap).map_err(|e| format!("cannot create TAP device {}: {e}", opts.tap))?;
+    let mut tap =
+        Tap::open(&opts.tap, opts.offload).map_err(|e| format!("cannot create TAP device {}: {e}", opts.tap))?;
     let mac = opts.mac.unwrap_or_else(|| stable_mac(tap.name()));
     let mut nl = Netlink::open().map_err(|e| format!("netlink: {e}"))?;
+    if tap.has_vnet_hdr() {
+        nl.set_gso_max_segs(tap.index(), crate::relay::pipe::MAX_SEGMENTS as u32)
+            .map_err(|e| format!("configuring {}: {e}", tap.name()))?;
+    }
     nl.set_mac_up(tap.index(), mac).map_err(|e| format!("configuring {}: {e}", tap.name()))?;
     log::info!("{} is up with MAC {}; run a DHCP client on it or give it an address", tap.name(), format_mac(&mac));
 

@@ -32,6 +32,7 @@ fn cli() -> Command {
                 .arg(Arg::new("url").required(true).value_name("URL").help("the relay, ws://HOST[:PORT][/PATH] or wss://HOST[:PORT][/PATH]"))
                 .arg(Arg::new("tap").long("tap").value_name("NAME").default_value("wstap%d").help("TAP device name; %d lets the kernel pick a number"))
                 .arg(Arg::new("mac").long("mac").value_name("MAC").help("MAC address of the TAP (default: a stable locally administered one, derived from this machine and the TAP's name)"))
+                .arg(Arg::new("offload").long("offload").action(ArgAction::SetTrue).help("TAP offload: take TCP/UDP super-frames from the kernel and cut them into real frames; merge the relay's TCP segments into super-frames"))
                 .arg(Arg::new("ca").long("ca").value_name("FILE").help("wss://: trust this CA bundle (PEM) instead of the system's roots"))
                 .arg(Arg::new("max-frame-size").long("max-frame-size").value_name("BYTES").default_value("65549").help("largest frame accepted from the relay, 1514..65549")),
         );
@@ -124,6 +125,7 @@ fn connect(m: &clap::ArgMatches) -> ExitCode {
         tap: arg("tap").unwrap_or_default(),
         mac,
         max_frame,
+        offload: m.get_flag("offload"),
         ping_interval: std::time::Duration::from_secs(30),
         idle_timeout: std::time::Duration::from_secs(100),
         ca: arg("ca").map(PathBuf::from),
@@ -236,6 +238,7 @@ fn settings_of(cfg: &Config) -> Settings {
     Settings {
         tap_pattern: format!("{}%d", cfg.tap_prefix),
         max_frame: cfg.max_frame_size,
+        tap_offload: cfg.tap_offload,
         ping_interval: cfg.ping_interval,
         idle_timeout: cfg.idle_timeout,
         handshake_timeout: cfg.handshake_timeout,

@@ -170,6 +170,7 @@ pub fn metrics(s: &Snapshot) -> String {
         ("runt", t.drop_runt),
         ("tap_error", t.drop_tap_error),
         ("oversize", t.drop_oversize),
+        ("offload", t.drop_offload),
     ];
     drops.extend(s.policy_drops.iter().copied());
     family("wsnic_frames_dropped_total", "counter", "Frames dropped, by reason.", &by("reason", &drops));

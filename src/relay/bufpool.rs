@@ -6,11 +6,22 @@ pub struct BufPool {
     size: usize,
     max_free: usize,
     free: Vec<Box<[u8]>>,
+    /// One buffer for data that is consumed before the call that filled it returns (a
+    /// super-frame read from an offloading TAP, cut into frames at once).
+    scratch: Vec<u8>,
 }
 
 impl BufPool {
     pub fn new(size: usize, max_free: usize) -> BufPool {
-        BufPool { size, max_free, free: Vec::new() }
+        BufPool { size, max_free, free: Vec::new(), scratch: Vec::new() }
+    }
+
+    /// The scratch buffer, at least `len` bytes (allocated on first use).
+    pub fn scratch(&mut self, len: usize) -> &mut [u8] {
+        if self.scratch.len() < len {
+            self.scratch.resize(len, 0);
+        }
+        &mut self.scratch[..len]
     }
 
     pub fn get(&mut self) -> Box<[u8]> {

@@ -57,6 +57,8 @@ pub struct Settings {
     /// TAP name pattern, e.g. `wsnic%d`.
     pub tap_pattern: String,
     pub max_frame: usize,
+    /// TAPs with `IFF_VNET_HDR` and TCP/UDP segmentation offload.
+    pub tap_offload: bool,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -457,7 +459,11 @@ impl Relay {
                     return self.refuse(i, p, why, r, now);
                 }
                 let isolate = self.settings.isolation;
-                let tap = match Tap::create(&self.settings.tap_pattern).and_then(|t| {
+                let tap = match Tap::open(&self.settings.tap_pattern, self.settings.tap_offload).and_then(|t| {
+                    if t.has_vnet_hdr() {
+                        // Before it is up: no super-frame with more segments than a pipe cuts.
+                        netlink.set_gso_max_segs(t.index(), super::pipe::MAX_SEGMENTS as u32)?;
+                    }
                     if isolate {
                         // Isolated before it is up: no frame crosses without isolation.
                         netlink.attach_isolated_up(t.index(), self.bridge_index)?;
@@ -634,7 +640,7 @@ impl Relay {
         let Slot::Client(mut c) = std::mem::replace(&mut self.slots[i], Slot::Free) else { return };
         let s = c.stats;
         log::info!(
-            "{} on {} disconnected after {:.1}s: {reason}; client→tap {} frames {} bytes, tap→client {} frames {} bytes, answered {}, dropped {} (text {}, runt {}, tap error {}, oversize {}, policy {})",
+            "{} on {} disconnected after {:.1}s: {reason}; client→tap {} frames {} bytes, tap→client {} frames {} bytes, answered {}, dropped {} (text {}, runt {}, tap error {}, oversize {}, policy {}, offload {})",
             c.peer,
             c.tap.name(),
             c.connected_at.elapsed().as_secs_f64(),
@@ -649,6 +655,7 @@ impl Relay {
             s.drop_tap_error,
             s.drop_oversize,
             s.drop_policy,
+            s.drop_offload,
         );
         self.totals.add(&c.stats);
         c.drain_input();
@@ -720,6 +727,7 @@ impl Relay {
         self.settings = Settings {
             tap_pattern: self.settings.tap_pattern.clone(),
             max_frame: self.settings.max_frame,
+            tap_offload: self.settings.tap_offload,
             isolation: self.settings.isolation,
             ..s
         };

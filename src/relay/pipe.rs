@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 use super::bufpool::BufPool;
 use super::shaper::Bucket;
 use super::transport::Transport;
-use crate::sys::tap::Tap;
+use crate::offload::coalesce::{Candidate, Coalescer, Push};
+use crate::offload::segment;
+use crate::offload::vnet::{self, VnetHdr};
+use crate::sys::tap::{Tap, VNET_HDR_LEN};
 use crate::ws::conn::close_payload;
 use crate::ws::frame::{apply_mask, encode_header, header_len, Opcode, MAX_HEADER};
 use crate::ws::{close_code, Conn, Item, Parsed, Payload, Role};
@@ -76,6 +79,21 @@ impl Inspector for PassThrough {
 fn tap_read_room(max_frame: usize) -> usize {
     MAX_HEADER + max_frame + 1 + CONTROL_ROOM
 }
+/// Room needed in the output buffer for the frames cut from one super-frame of an offloading
+/// TAP: its payload, and per segment (at most [`MAX_SEGMENTS`]) a copy of the headers (up to
+/// 14 + 60 + 60 bytes) and a WebSocket header.
+fn offload_room() -> usize {
+    MAX_SUPER_FRAME + MAX_SEGMENTS * (134 + MAX_HEADER) + CONTROL_ROOM
+}
+/// Largest frame an offloading TAP hands over: an IPv4 packet of 65535 bytes behind its
+/// Ethernet header (IPv6 without jumbograms is no larger).
+pub const MAX_SUPER_FRAME: usize = 14 + 65535;
+/// Segments per super-frame: the relay sets the TAP's `gso_max_segs` to this, so the kernel
+/// never hands over more.
+pub const MAX_SEGMENTS: usize = 64;
+/// Bytes of a read from an offloading TAP: the `virtio_net_hdr`, the largest super-frame, and
+/// one byte more to tell a truncated read.
+pub const OFFLOAD_READ: usize = VNET_HDR_LEN + MAX_SUPER_FRAME + 1;
 /// Smallest Ethernet frame: destination, source, EtherType.
 pub const MIN_FRAME: usize = 14;
 
@@ -98,6 +116,9 @@ pub struct Stats {
     pub answered: u64,
     /// Frames refused by policy (spoofed source MAC or address, ARP poisoning).
     pub drop_policy: u64,
+    /// Frames from an offloading TAP that could not be cut into real frames (malformed
+    /// super-frame, a kind of segmentation we do not do, too many segments).
+    pub drop_offload: u64,
 }
 
 impl Stats {
@@ -113,10 +134,16 @@ impl Stats {
         self.drop_oversize += o.drop_oversize;
         self.answered += o.answered;
         self.drop_policy += o.drop_policy;
+        self.drop_offload += o.drop_offload;
     }
 
     pub fn drops(&self) -> u64 {
-        self.drop_text + self.drop_runt + self.drop_tap_error + self.drop_oversize + self.drop_policy
+        self.drop_text
+            + self.drop_runt
+            + self.drop_tap_error
+            + self.drop_oversize
+            + self.drop_policy
+            + self.drop_offload
     }
 }
 
@@ -141,6 +168,42 @@ pub enum Progress {
     Again,
     /// Close the connection (after flushing what is queued).
     End(Ending),
+}
+
+/// The TAP side of a write, borrowed field by field so a frame in another buffer of the pipe
+/// can be written.
+struct TapIo<'a> {
+    tap: &'a Tap,
+    writable: &'a mut bool,
+    failed: &'a mut Option<io::Error>,
+    drops: &'a mut u64,
+}
+
+impl TapIo<'_> {
+    /// Write one frame (behind `vnet` if given); false if the TAP would block or failed. A
+    /// frame the TAP refuses for another reason is dropped and counted (true: it is done).
+    fn write(&mut self, vnet: Option<&[u8; VNET_HDR_LEN]>, bytes: &[u8]) -> bool {
+        let r = match vnet {
+            Some(h) => self.tap.write_vnet(h, bytes),
+            None => self.tap.write(bytes),
+        };
+        match r {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                *self.writable = false;
+                false
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBADFD | libc::EIO | libc::ENODEV | libc::ENXIO)) => {
+                *self.failed = Some(e);
+                false
+            }
+            Err(e) => {
+                *self.drops += 1;
+                log::debug!("{} refused a frame of {} bytes: {e}", self.tap.name(), bytes.len());
+                true
+            }
+        }
+    }
 }
 
 /// A frame already unmasked but not yet taken by the TAP.
@@ -196,6 +259,12 @@ pub struct Pipe {
     outb: Option<Box<[u8]>>,
     out_start: usize,
     out_end: usize,
+    /// Offload: the client's TCP segments being merged into one super-frame for the TAP
+    /// (in `stage`, taken from the pool while a batch is open).
+    gro: Coalescer,
+    stage: Option<Box<[u8]>>,
+    /// Offload: a finished super-frame (`stage[..staged]`) the TAP would not take yet.
+    staged: usize,
     last_heard: Instant,
     ping_sent: bool,
 }
@@ -241,14 +310,18 @@ impl Pipe {
             outb: None,
             out_start: 0,
             out_end: 0,
+            gro: Coalescer::new(),
+            stage: None,
+            staged: 0,
             last_heard: now,
             ping_sent: false,
         }
     }
 
-    /// Size the pool's buffers must have for frames of up to `max_frame` bytes.
+    /// Size the pool's buffers must have for frames of up to `max_frame` bytes (with or without
+    /// offload: a staged super-frame needs less than `offload_room`).
     pub fn buffer_size_for(max_frame: usize) -> usize {
-        (256 << 10).max(2 * tap_read_room(max_frame))
+        (256 << 10).max(2 * tap_read_room(max_frame)).max(2 * offload_room())
     }
 
     /// Shape both directions to `rate` bytes per second.
@@ -385,6 +458,11 @@ impl Pipe {
                 pool.put(b);
             }
         }
+        if self.gro.is_empty() && self.staged == 0 {
+            if let Some(b) = self.stage.take() {
+                pool.put(b);
+            }
+        }
         if self.in_start == self.in_end && self.stalled == Stalled::None {
             self.in_start = 0;
             self.in_end = 0;
@@ -435,7 +513,7 @@ impl Pipe {
         if self.tap_readable && self.outb.is_none() {
             self.outb = Some(pool.get());
         }
-        let down = self.tap_to_ws(now);
+        let down = if self.tap.has_vnet_hdr() { self.tap_to_ws_offload(now, pool) } else { self.tap_to_ws(now) };
         if let Some(e) = self.tap_failed.take() {
             return Progress::End(Ending::new(
                 format!("TAP {} failed: {e}", self.tap.name()),
@@ -469,13 +547,51 @@ impl Pipe {
         }
     }
 
-    /// Returns Ok(true) when the budget ran out with input left.
+    /// Returns Ok(true) when the budget ran out with input left. With offload, a batch of merged
+    /// segments never outlives the pass: it goes to the TAP before this returns.
     fn ws_to_tap(&mut self, now: Instant, pool: &mut BufPool, inspector: &mut dyn Inspector) -> Result<bool, Ending> {
+        if !self.tap.has_vnet_hdr() {
+            return self.ws_frames_to_tap(now, pool, inspector);
+        }
+        if self.staged > 0 && !self.write_staged() {
+            return Ok(false);
+        }
+        let r = self.ws_frames_to_tap(now, pool, inspector);
+        if !self.gro.is_empty() {
+            let stage = self.stage.as_mut().expect("a batch lives in the stage");
+            self.staged = self.gro.finish(stage);
+            self.write_staged();
+        }
+        r
+    }
+
+    /// Write the finished super-frame; false if the TAP would not take it yet.
+    fn write_staged(&mut self) -> bool {
+        let stage = self.stage.as_ref().expect("staged in it");
+        let mut io = TapIo {
+            tap: &self.tap,
+            writable: &mut self.tap_writable,
+            failed: &mut self.tap_failed,
+            drops: &mut self.stats.drop_tap_error,
+        };
+        if !io.write(None, &stage[..self.staged]) {
+            return false;
+        }
+        self.staged = 0;
+        true
+    }
+
+    fn ws_frames_to_tap(
+        &mut self,
+        now: Instant,
+        pool: &mut BufPool,
+        inspector: &mut dyn Inspector,
+    ) -> Result<bool, Ending> {
         for _ in 0..BUDGET {
             if self.throttled(0, now) {
                 return Ok(false); // the socket is not read: TCP backpressure slows the client
             }
-            if self.stalled != Stalled::None && !self.retry_stalled() {
+            if self.stalled != Stalled::None && !self.retry_stalled(pool) {
                 return Ok(false);
             }
             // A control frame may need an answer: keep room for it, or wait for the socket.
@@ -579,7 +695,7 @@ impl Pipe {
                     }
                 }
                 self.stalled = stalled;
-                self.retry_stalled();
+                self.retry_stalled(pool);
                 return Ok(());
             }
             Item::Text(_) => {
@@ -608,7 +724,10 @@ impl Pipe {
     }
 
     /// Try to hand the stalled frame to the TAP; false if the TAP would block.
-    fn retry_stalled(&mut self) -> bool {
+    fn retry_stalled(&mut self, pool: &mut BufPool) -> bool {
+        if self.staged > 0 && !self.write_staged() {
+            return false; // an earlier batch goes first
+        }
         let (frame, consumed) = match self.stalled {
             Stalled::None => return true,
             Stalled::InBuf { start, end, consumed } => {
@@ -620,6 +739,51 @@ impl Pipe {
             self.stats.drop_runt += 1;
         } else if !self.tap_writable {
             return false;
+        } else if self.tap.has_vnet_hdr() {
+            // Offload: a TCP segment joins the open batch (or closes it and starts the next);
+            // anything else closes the batch and goes alone behind a plain header. Order is kept:
+            // a batch is always written before the frame after it.
+            let cand = Candidate::parse(frame);
+            let stage = self.stage.get_or_insert_with(|| pool.get());
+            loop {
+                let push = match &cand {
+                    Some(c) => self.gro.push(stage, frame, c),
+                    None if self.gro.is_empty() => Push::Alone,
+                    None => Push::Flush,
+                };
+                let mut io = TapIo {
+                    tap: &self.tap,
+                    writable: &mut self.tap_writable,
+                    failed: &mut self.tap_failed,
+                    drops: &mut self.stats.drop_tap_error,
+                };
+                match push {
+                    Push::Staged => break,
+                    Push::Alone => {
+                        if !io.write(Some(&vnet::ZERO), frame) {
+                            return false;
+                        }
+                        break;
+                    }
+                    Push::Full | Push::Flush => {
+                        self.staged = self.gro.finish(stage);
+                        let written = io.write(None, &stage[..self.staged]);
+                        if written {
+                            self.staged = 0;
+                        }
+                        if push == Push::Full {
+                            break; // the frame is in the batch, which waits for the TAP if it must
+                        }
+                        if !written {
+                            return false; // the frame stays stalled behind the batch
+                        }
+                    }
+                }
+            }
+            self.stats.to_tap_frames += 1;
+            self.stats.to_tap_bytes += frame.len() as u64;
+            let n = frame.len();
+            self.spend(0, n);
         } else {
             match self.tap.write(frame) {
                 Ok(_) => {
@@ -644,6 +808,81 @@ impl Pipe {
         }
         self.in_start += consumed;
         self.stalled = Stalled::None;
+        true
+    }
+
+    /// Offload: each TAP read may be a super-frame; it is cut into real Ethernet frames, each
+    /// written straight behind its WebSocket header in the output buffer (a plain frame is
+    /// copied once). Returns true when the budget ran out with the TAP still readable.
+    fn tap_to_ws_offload(&mut self, now: Instant, pool: &mut BufPool) -> bool {
+        let room = offload_room();
+        for _ in 0..BUDGET {
+            if !self.tap_readable || self.throttled(1, now) {
+                return false;
+            }
+            let Some(outb) = self.outb.as_mut() else {
+                return false;
+            };
+            if outb.len() - self.out_end < room {
+                if self.out_start == 0 {
+                    return false; // over the high-water mark: let the kernel queue drop
+                }
+                outb.copy_within(self.out_start..self.out_end, 0);
+                self.out_end -= self.out_start;
+                self.out_start = 0;
+                if outb.len() - self.out_end < room {
+                    return false;
+                }
+            }
+            let scratch = pool.scratch(OFFLOAD_READ);
+            let n = match self.tap.read(scratch) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.tap_readable = false;
+                    return false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.tap_readable = false;
+                    self.tap_failed = Some(e);
+                    return false;
+                }
+            };
+            let plan = match VnetHdr::parse(&scratch[..n]) {
+                Some(h) if n < OFFLOAD_READ => segment::plan(&h, &scratch[VNET_HDR_LEN..n]),
+                _ => Err(segment::Error::Truncated),
+            };
+            let frame = &scratch[VNET_HDR_LEN..n];
+            let plan = match plan {
+                Ok(p) if p.count() <= MAX_SEGMENTS => p,
+                r => {
+                    self.stats.drop_offload += 1;
+                    log::debug!("{}: {} handed over a frame of {n} bytes not cut: {r:?}", self.peer, self.tap.name());
+                    continue;
+                }
+            };
+            for i in 0..plan.count() {
+                let len = plan.seg_len(i);
+                if len > self.max_frame {
+                    self.stats.drop_oversize += 1;
+                    continue;
+                }
+                let mask = self.masker.as_mut().map(|r| rand::Rng::random::<[u8; 4]>(&mut **r));
+                let base = self.out_end;
+                let h = encode_header(&mut outb[base..], true, Opcode::Binary, len, mask);
+                let seg = &mut outb[base + h..base + h + len];
+                plan.write(frame, i, seg);
+                if let Some(m) = mask {
+                    apply_mask(seg, m);
+                }
+                self.out_end = base + h + len;
+                self.stats.to_ws_frames += 1;
+                self.stats.to_ws_bytes += len as u64;
+                if let Some(b) = self.shaper.as_mut() {
+                    b[1].take(len);
+                }
+            }
+        }
         true
     }
 

@@ -119,6 +119,14 @@ impl Netlink {
         ignore_errno(self.ack(RouteNetlinkMessage::DelLink(msg), 0), &[libc::ENODEV])
     }
 
+    /// Limit the segments per GSO super-frame the kernel hands link `index` (`gso_max_segs`);
+    /// larger ones it segments in software first.
+    pub fn set_gso_max_segs(&mut self, index: u32, segs: u32) -> io::Result<()> {
+        let mut msg = link_msg(index);
+        msg.attributes.push(LinkAttribute::GsoMaxSegs(segs));
+        self.ack(RouteNetlinkMessage::NewLink(msg), 0)
+    }
+
     /// Set link `index` administratively up.
     pub fn set_up(&mut self, index: u32) -> io::Result<()> {
         self.ack(RouteNetlinkMessage::NewLink(up_msg(index)), 0)
