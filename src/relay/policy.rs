@@ -346,6 +346,8 @@ impl Inspector for Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dhcp::server::{Server, ServerConfig};
+    use std::sync::atomic::Ordering;
 
     fn frame(dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
         let mut f = Vec::new();
@@ -371,5 +373,138 @@ mod tests {
         bad[n - 1] ^= 0xff; // UDP checksum no longer matches
         assert_eq!(dhcp_request(&bad, us), None);
         assert_eq!(dhcp_request(&[0u8; 13], us), None);
+    }
+
+    const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 1);
+
+    /// A `Shared` for `workers` workers with a DHCP engine on 192.168.2.0/24; the Polls keep
+    /// the wakers valid.
+    fn shared(workers: usize) -> (Arc<Shared>, Vec<mio::Poll>) {
+        let polls: Vec<mio::Poll> = (0..=workers).map(|_| mio::Poll::new().unwrap()).collect();
+        let mut wakers: Vec<mio::Waker> =
+            polls.iter().map(|p| mio::Waker::new(p.registry(), mio::Token(0)).unwrap()).collect();
+        let main = wakers.pop().unwrap();
+        let server = Server::new(ServerConfig {
+            server_ip: GW,
+            subnet: "192.168.2.0/24".parse().unwrap(),
+            router: GW,
+            dns: vec![],
+            domain_name: None,
+            mtu: None,
+            lease_time: 3600,
+            range: None,
+            reservations: vec![],
+            grace: 300,
+            quarantine: 600,
+            offer_timeout: 60,
+        })
+        .unwrap();
+        (Arc::new(Shared::new(Some(server), None, wakers, main)), polls)
+    }
+
+    fn policy(shared: &Arc<Shared>, worker: usize) -> Policy {
+        Policy::new(shared.clone(), worker, Some(Dhcp::new(GW, [2, 0, 0, 0, 0, 1])), true)
+    }
+
+    /// A UDP frame from `mac`, `src`:1000 to 198.51.100.1:2000.
+    fn udp_from(mac: Mac, src: Ipv4Addr) -> Vec<u8> {
+        let mut f = Vec::new();
+        ethernet::write_header(&mut f, [2, 0, 0, 0, 0, 1], mac, ethernet::ETHERTYPE_IPV4);
+        udp::write_ipv4_udp(&mut f, (src, 1000), (Ipv4Addr::new(198, 51, 100, 1), 2000), b"data");
+        f
+    }
+
+    /// A DHCP message of type `ty` from `mac` (broadcast, from 0.0.0.0).
+    fn dhcp_from(mac: Mac, ty: u8, requested: Option<Ipv4Addr>) -> Vec<u8> {
+        let mut chaddr = [0; 16];
+        chaddr[..6].copy_from_slice(&mac);
+        let mut m = wire::Message { op: 1, htype: 1, hlen: 6, xid: 7, chaddr, ..Default::default() };
+        m.set_option(wire::opt::MESSAGE_TYPE, [ty]);
+        if let Some(ip) = requested {
+            m.set_option(wire::opt::REQUESTED_IP, ip.octets());
+            m.set_option(wire::opt::SERVER_ID, GW.octets());
+        }
+        let mut payload = Vec::new();
+        wire::encode(&m, &mut payload);
+        let mut f = Vec::new();
+        ethernet::write_header(&mut f, [0xff; 6], mac, ethernet::ETHERTYPE_IPV4);
+        udp::write_ipv4_udp(&mut f, (Ipv4Addr::UNSPECIFIED, 68), (Ipv4Addr::BROADCAST, 67), &payload);
+        f
+    }
+
+    /// The address a DHCP reply frame offers or acknowledges.
+    fn yiaddr(v: Verdict) -> Ipv4Addr {
+        let Verdict::Reply(f) = v else { panic!("no reply: {v:?}") };
+        wire::decode(&f[14 + 20 + 8..]).unwrap().yiaddr
+    }
+
+    #[test]
+    fn ordinary_frames_take_no_lock() {
+        let (sh, _poll) = shared(1);
+        let mut p = policy(&sh, 0);
+        let m = [2, 0, 0, 0, 0, 9];
+        p.opened(1, "203.0.113.1".parse().unwrap());
+        let mut st = ConnState::default();
+        let locks = || sh.locks.load(Ordering::Relaxed);
+
+        // Without a lease: the first frame locks the MAC and judges the address; the rest
+        // are judged from the cache.
+        let any = Ipv4Addr::new(192, 168, 2, 50);
+        assert_eq!(p.inspect(1, &mut st, &udp_from(m, any)), Verdict::Forward);
+        let n = locks();
+        for _ in 0..10 {
+            assert_eq!(p.inspect(1, &mut st, &udp_from(m, any)), Verdict::Forward);
+        }
+        assert_eq!(locks(), n, "a lease-less client's frames took the lock");
+
+        // With a lease: after the exchange, one look at the engine, then none.
+        let offered = yiaddr(p.inspect(1, &mut st, &dhcp_from(m, 1, None)));
+        assert_eq!(yiaddr(p.inspect(1, &mut st, &dhcp_from(m, 3, Some(offered)))), offered);
+        assert_eq!(p.inspect(1, &mut st, &udp_from(m, offered)), Verdict::Forward);
+        let n = locks();
+        for _ in 0..10 {
+            assert_eq!(p.inspect(1, &mut st, &udp_from(m, offered)), Verdict::Forward);
+        }
+        assert_eq!(locks(), n, "a leased client's frames took the lock");
+        assert_eq!(p.inspect(1, &mut st, &udp_from(m, any)), Verdict::Drop(drop_reason::SRC_IP_SPOOFED));
+
+        // Another worker's client may not use that address; its verdict is cached too, until
+        // the engine changes.
+        let mut q = policy(&sh, 0);
+        q.opened(2, "203.0.113.2".parse().unwrap());
+        let mut st2 = ConnState::default();
+        let m2 = [2, 0, 0, 0, 0, 10];
+        let spoof = drop_reason::SRC_IP_SPOOFED;
+        assert_eq!(q.inspect(2, &mut st2, &udp_from(m2, offered)), Verdict::Drop(spoof));
+        let n = locks();
+        assert_eq!(q.inspect(2, &mut st2, &udp_from(m2, offered)), Verdict::Drop(spoof));
+        assert_eq!(locks(), n);
+        // The holder leaves (it was admitted, as every connection is): the epoch moves, and
+        // the address is free once its grace period is over.
+        let req = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let crate::ws::handshake::Outcome::Upgrade(up) = crate::ws::handshake::parse_request(req) else { panic!() };
+        let adm = crate::admission::Admission { max_clients: 9, max_per_ip: 9, ..Default::default() };
+        let client = "203.0.113.1".parse().unwrap();
+        sh.lock().admit(&adm, &up, client).unwrap();
+        p.closed(1, client, &st);
+        sh.lock().dhcp.as_mut().unwrap().expire(unix_now() + 301);
+        assert_eq!(q.inspect(2, &mut st2, &udp_from(m2, offered)), Verdict::Forward);
+    }
+
+    #[test]
+    fn mac_locks_span_workers() {
+        let (sh, _poll) = shared(2);
+        let (mut w0, mut w1) = (policy(&sh, 0), policy(&sh, 1));
+        let m = [2, 0, 0, 0, 0, 9];
+        let a = Ipv4Addr::new(192, 168, 2, 50);
+        w1.opened(1, "203.0.113.1".parse().unwrap());
+        w0.opened(2, "203.0.113.1".parse().unwrap()); // the same client, on worker 0
+        w0.opened(3, "203.0.113.3".parse().unwrap()); // another client
+        let (mut s1, mut s2, mut s3) = (ConnState::default(), ConnState::default(), ConnState::default());
+        assert_eq!(w1.inspect(1, &mut s1, &udp_from(m, a)), Verdict::Forward);
+        assert_eq!(w0.inspect(3, &mut s3, &udp_from(m, a)), Verdict::Drop(drop_reason::MAC_IN_USE));
+        assert_eq!(w0.inspect(2, &mut s2, &udp_from(m, a)), Verdict::Forward);
+        assert_eq!(w0.takeovers, [Takeover { old: 1, old_worker: 1, new: 2, mac: m }]);
+        assert!(w1.takeovers.is_empty());
     }
 }

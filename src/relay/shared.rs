@@ -167,6 +167,9 @@ pub struct Shared {
     /// The main thread's waker: a worker that stops on its own (an error) wakes it.
     main: Waker,
     pub started: Instant,
+    /// Times the lock was taken (the unit tests check the frame path takes it not at all).
+    #[cfg(test)]
+    pub locks: AtomicU64,
 }
 
 impl Shared {
@@ -184,6 +187,8 @@ impl Shared {
             reports: (0..n).map(|_| Mutex::new(Report::default())).collect(),
             main,
             started: Instant::now(),
+            #[cfg(test)]
+            locks: AtomicU64::new(0),
         }
     }
 
@@ -194,6 +199,8 @@ impl Shared {
     /// Take the lock (a worker that panicked while holding it left the state consistent
     /// enough: every change under it is a few map updates).
     pub fn lock(&self) -> Locked<'_> {
+        #[cfg(test)]
+        self.locks.fetch_add(1, Ordering::Relaxed);
         Locked { guard: self.state.lock().unwrap_or_else(|e| e.into_inner()), epoch: &self.epoch }
     }
 
