@@ -151,6 +151,8 @@ pub struct Config {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// Event loops (threads); 0: one per CPU (`auto`).
+    pub workers: usize,
     pub dhcp_gateway: Option<Ipv4Addr>,
     pub dhcp_domain_name: Option<String>,
     pub dhcp_domain_name_server: Vec<Ipv4Addr>,
@@ -212,6 +214,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "dhcp_mtu",
     "dhcp_lease_file",
     "dhcp_lease_grace",
+    "workers",
 ];
 
 /// One configuration key: its name, default (as written in the file) and meaning.
@@ -276,6 +279,11 @@ pub const KEYS: &[Key] = &[
         name: "handshake_timeout",
         default: "30s",
         help: "a connection that has not completed its WebSocket handshake after this long is dropped",
+    },
+    Key {
+        name: "workers",
+        default: "1",
+        help: "event loops (threads) sharing the port, 1..64, or auto (one per CPU); needs a restart",
     },
     Key { name: "dhcp_gateway", default: "", help: "router address handed out by DHCP (empty: the bridge's address)" },
     Key { name: "dhcp_domain_name", default: "", help: "domain name handed out by DHCP (empty: none)" },
@@ -404,6 +412,7 @@ impl Default for Config {
             ping_interval: Duration::ZERO,
             idle_timeout: Duration::ZERO,
             handshake_timeout: Duration::ZERO,
+            workers: 0,
             dhcp_gateway: None,
             dhcp_domain_name: None,
             dhcp_domain_name_server: Vec::new(),
@@ -520,6 +529,18 @@ impl Config {
             "ping_interval" => self.ping_interval = parse_duration(v)?,
             "idle_timeout" => self.idle_timeout = parse_duration(v)?,
             "handshake_timeout" => self.handshake_timeout = parse_duration(v)?,
+            "workers" => {
+                self.workers = match v {
+                    "auto" | "0" => 0,
+                    _ => parse_num::<usize>(v, "a number of threads (1..64) or auto").and_then(|n| {
+                        if n > 64 {
+                            Err(format!("{n} is outside 1..64"))
+                        } else {
+                            Ok(n)
+                        }
+                    })?,
+                }
+            }
             "dhcp_gateway" => self.dhcp_gateway = opt(v).map(|v| parse_num(v, "an IPv4 address")).transpose()?,
             "dhcp_domain_name" => self.dhcp_domain_name = opt(v).map(str::to_string),
             "dhcp_domain_name_server" => {
@@ -762,6 +783,7 @@ impl Config {
             "dhcp_mtu" => format!("{:?}", self.dhcp_mtu),
             "dhcp_lease_file" => format!("{:?}", self.dhcp_lease_file),
             "dhcp_lease_grace" => format!("{:?}", self.dhcp_lease_grace),
+            "workers" => format!("{:?}", self.workers),
             _ => String::new(),
         }
     }
@@ -783,7 +805,16 @@ impl Config {
             ("rate_limit", self.rate_limit.map_or("none".into(), |r| format!("{} kbit/s", r * 8 / 1000))),
             ("max_frame_size", self.max_frame_size.to_string()),
             ("tap_offload", on(self.tap_offload)),
+            ("workers", self.worker_count().to_string()),
         ]
+    }
+
+    /// Event loops to run: `workers`, or one per CPU (at most 64) for `auto`.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(64),
+            n => n,
+        }
     }
 
     /// The bridge's (gateway's) address.
@@ -852,6 +883,8 @@ mod tests {
             ("dhcp_host=02:00:00:00:00:01", "expected MAC,IP"),
             ("dhcp_host=01:00:00:00:00:01,192.168.2.5", "unicast"),
             ("dhcp_mtu=100", "below 576"),
+            ("workers=65", "outside 1..64"),
+            ("workers=many", "or auto"),
         ] {
             let e = Config::default().apply_file_text("f", line).unwrap_err();
             assert!(e.to_string().contains(frag), "{line}: {e}");
@@ -919,6 +952,20 @@ mod tests {
             let e = Config::default().apply_file_text("f", line).unwrap_err();
             assert!(e.to_string().contains(frag), "{line}: {e}");
         }
+    }
+
+    #[test]
+    fn workers_key() {
+        let mut c = Config::default();
+        assert_eq!((c.workers, c.worker_count()), (1, 1));
+        c.set("workers", "auto").unwrap();
+        assert_eq!(c.workers, 0);
+        assert!((1..=64).contains(&c.worker_count()));
+        c.set("workers", "0").unwrap();
+        assert_eq!(c.workers, 0);
+        c.set("workers", "64").unwrap();
+        assert_eq!(c.worker_count(), 64);
+        assert!(RESTART_KEYS.contains(&"workers"));
     }
 
     #[test]

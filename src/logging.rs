@@ -1,10 +1,21 @@
-//! A minimal stderr logger: one line per event, UTC timestamp, level. `-v` shows debug
-//! lines, `-q` only warnings and errors.
+//! A minimal stderr logger: one line per event, UTC timestamp, level, and the thread's tag
+//! (a worker's `[w1]` when there are several). `-v` shows debug lines, `-q` only warnings
+//! and errors.
 
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 struct Stderr;
+
+thread_local! {
+    /// Put in front of every line this thread logs (a worker's `[w1] `).
+    static TAG: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Every line this thread logs from now on starts with `tag`.
+pub fn set_thread_tag(tag: String) {
+    TAG.with(|t| *t.borrow_mut() = tag);
+}
 
 impl log::Log for Stderr {
     fn enabled(&self, m: &log::Metadata) -> bool {
@@ -13,7 +24,8 @@ impl log::Log for Stderr {
 
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            let line = format!("{} {:<5} {}\n", timestamp(SystemTime::now()), r.level(), r.args());
+            let line =
+                TAG.with(|t| format!("{} {:<5} {}{}\n", timestamp(SystemTime::now()), r.level(), t.borrow(), r.args()));
             let _ = std::io::stderr().lock().write_all(line.as_bytes());
         }
     }

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Arg, ArgAction, Command};
 use wsnic::config::{Config, ConfigError, KEYS};
 use wsnic::netsetup::Network;
-use wsnic::relay::policy::{Dhcp, Policy};
-use wsnic::relay::{Exit, Relay, Settings};
+use wsnic::relay::workers::{self, DhcpSetup, Listeners, Workers};
+use wsnic::relay::Settings;
 
 fn cli() -> Command {
     let mut cmd = Command::new("wsnic")
@@ -172,41 +172,53 @@ fn dhcp_server(cfg: &Config) -> Result<Option<wsnic::dhcp::server::Server>, Stri
 fn serve(cfg: &Config) -> Result<(), String> {
     // Signals are caught from here on, so an early SIGTERM still leads to a clean teardown.
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let signals =
+    let mut signals =
         signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("signals: {e}"))?;
     let dhcp = dhcp_server(cfg)?;
     if let Err(e) = wsnic::sys::raise_nofile_limit() {
         log::warn!("cannot raise the open-files limit: {e}");
     }
-    let bind = |port: u16| -> Result<Option<std::net::TcpListener>, String> {
+    let n = cfg.worker_count();
+    let bind = |port: u16| -> Result<Vec<Option<std::net::TcpListener>>, String> {
         if port == 0 {
-            return Ok(None);
+            return Ok((0..n).map(|_| None).collect());
         }
         let addr = std::net::SocketAddr::new(cfg.ws_server_addr, port);
-        Relay::bind(addr).map(Some).map_err(|e| format!("cannot listen on {addr}: {e}"))
+        let ls = workers::bind(addr, n).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        Ok(ls.into_iter().map(Some).collect())
     };
-    let listener = bind(cfg.ws_server_port)?;
-    let tls_listener = match (bind(cfg.wss_port)?, &cfg.wss_certificate, &cfg.wss_private_key) {
-        (Some(l), Some(cert), Some(key)) => Some((l, wsnic::tls::server_config(cert, key)?)),
+    let ws = bind(cfg.ws_server_port)?;
+    let wss = bind(cfg.wss_port)?;
+    let tls = match (&cfg.wss_certificate, &cfg.wss_private_key) {
+        (Some(cert), Some(key)) if cfg.wss_port != 0 => Some(wsnic::tls::server_config(cert, key)?),
         _ => None,
     };
+    let listeners: Vec<Listeners> =
+        ws.into_iter().zip(wss).map(|(ws, wss)| Listeners { ws, wss: wss.zip(tls.clone()) }).collect();
+    // The main thread waits for signals, and for a worker that stops on its own.
+    const SIGNALS: mio::Token = mio::Token(0);
+    const WORKER_STOPPED: mio::Token = mio::Token(1);
+    let mut poll = mio::Poll::new().map_err(|e| format!("poll: {e}"))?;
+    poll.registry().register(&mut signals, SIGNALS, mio::Interest::READABLE).map_err(|e| format!("signals: {e}"))?;
+    let waker = mio::Waker::new(poll.registry(), WORKER_STOPPED).map_err(|e| format!("poll: {e}"))?;
     let settings = settings_of(cfg);
-    let mut net = Network::up(cfg)?;
+    let net = Network::up(cfg)?;
     let settings = Settings { summary: cfg.summary(net.uplink.as_deref()), ..settings };
-
-    let policy = Policy::new(
-        dhcp.map(|s| Dhcp::new(s, cfg.bridge_addr(), net.bridge_mac, cfg.dhcp_lease_file.clone())),
-        cfg.anti_spoofing,
-    );
-    let mut relay = match Relay::new(listener, tls_listener, settings, policy, signals) {
-        Ok(r) => r,
+    let dhcp = dhcp.map(|server| DhcpSetup {
+        server,
+        server_ip: cfg.bridge_addr(),
+        server_mac: net.bridge_mac,
+        lease_file: cfg.dhcp_lease_file.clone(),
+    });
+    let workers = match Workers::start(listeners, settings, cfg.anti_spoofing, dhcp, net.bridge_index, waker) {
+        Ok(w) => w,
         Err(e) => {
             net.down();
             return Err(format!("event loop: {e}"));
         }
     };
     log::info!(
-        "wsnic {} listening on {} — bridge {} {}/{}, uplink {}, NAT {}, DHCP {}",
+        "wsnic {} listening on {}{} — bridge {} {}/{}, uplink {}, NAT {}, DHCP {}",
         env!("CARGO_PKG_VERSION"),
         [("ws", cfg.ws_server_port), ("wss", cfg.wss_port)]
             .iter()
@@ -214,6 +226,7 @@ fn serve(cfg: &Config) -> Result<(), String> {
             .map(|(s, p)| format!("{s}://{}/", std::net::SocketAddr::new(cfg.ws_server_addr, *p)))
             .collect::<Vec<_>>()
             .join(" and "),
+        if n > 1 { format!(" with {n} workers") } else { String::new() },
         cfg.bridge_name,
         cfg.bridge_addr(),
         cfg.bridge_subnet.prefix,
@@ -221,16 +234,35 @@ fn serve(cfg: &Config) -> Result<(), String> {
         if cfg.nat && net.uplink.is_some() { "on" } else { "off" },
         if cfg.disable_dhcp { "off (passed to the bridge)" } else { "on" },
     );
-    let result = loop {
-        match relay.run(net.bridge_index, net.netlink()) {
-            Ok(Exit::Reload) => reload(&mut relay, cfg, net.uplink.as_deref()),
-            other => break other,
+    let mut events = mio::Events::with_capacity(8);
+    let result = 'run: loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break Err(format!("poll: {e}"));
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                SIGNALS => {
+                    let pending: Vec<i32> = signals.pending().collect();
+                    if let Some(sig) = pending.iter().find(|s| **s != SIGHUP) {
+                        log::info!("signal {sig}: shutting down");
+                        break 'run Ok(());
+                    }
+                    if !pending.is_empty() {
+                        reload(&workers, cfg, net.uplink.as_deref());
+                    }
+                }
+                _ if workers.any_stopped() => break 'run Err("an event loop stopped".to_string()),
+                _ => {}
+            }
         }
     };
-    drop(relay); // closes every TAP before the bridge goes
+    let stopped = workers.stop(); // closes every TAP before the bridge goes
     net.down();
     log::info!("network state restored; bye");
-    result.map(|_| ()).map_err(|e| format!("event loop: {e}"))
+    result.and(stopped)
 }
 
 /// The event loop's settings for `cfg`.
@@ -259,7 +291,7 @@ fn settings_of(cfg: &Config) -> Settings {
 /// SIGHUP: read the configuration again (file and command line, as at start). What can change
 /// while running takes effect for new connections; what cannot is named in the log. A bad
 /// file keeps the running configuration.
-fn reload(relay: &mut Relay, running: &Config, uplink: Option<&str>) {
+fn reload(workers: &Workers, running: &Config, uplink: Option<&str>) {
     let m = cli().get_matches();
     let new = match load_config(&m) {
         Ok(c) => c,
@@ -274,16 +306,17 @@ fn reload(relay: &mut Relay, running: &Config, uplink: Option<&str>) {
         log::warn!("reload: {} changed but take effect only after a restart", restart.join(", "));
     }
     let settings = Settings { summary: new.summary(uplink), ..settings_of(&new) };
-    relay.update(settings, new.anti_spoofing);
+    let mut tls = None;
     if let (Some(cert), Some(key)) = (&new.wss_certificate, &new.wss_private_key) {
         match wsnic::tls::server_config(cert, key) {
-            Ok(tls) => {
-                relay.set_tls(tls);
+            Ok(t) => {
+                tls = Some(t);
                 log::info!("reload: TLS certificate {} loaded for new wss:// connections", cert.display());
             }
             Err(e) => log::error!("reload: {e}; keeping the current certificate"),
         }
     }
+    workers.reload(&settings, new.anti_spoofing, tls);
     log::info!(
         "reload: configuration read again; limits, authentication, rate limit and timeouts apply to new connections"
     );

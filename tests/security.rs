@@ -116,7 +116,7 @@ fn spoofing_is_dropped_and_the_victim_is_unaffected() {
     third.send(frames::arp_request(mac(3), Ipv4Addr::new(192, 168, 2, 99), GW)); // honest
     assert!(third.recv_until(5 * SEC, |f| frames::arp_reply_from(f, GW).is_some()).is_some());
     drop(third);
-    w.wait_log("policy 2)", 5 * SEC);
+    w.wait_log("policy 2, offload 0)", 5 * SEC);
 }
 
 #[test]

@@ -5,6 +5,11 @@
 //! their per-pass budget sit in a run queue and are served again before the loop sleeps.
 //! Timers (handshake timeout, keepalive, lingering closes) are checked by a sweep once a
 //! second, which costs nothing per frame.
+//!
+//! With `workers = N` there are N of these, one per thread, each with its own listening
+//! socket on the same port (SO_REUSEPORT): a worker owns the connections the kernel hands it
+//! and their TAPs. What they share is in [`super::shared`]; commands from the main thread and
+//! from other workers (shutdown, reload, takeovers) arrive through a `mio::Waker`.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -15,11 +20,11 @@ use std::time::{Duration, Instant};
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook_mio::v1_0::Signals;
 
 use super::bufpool::BufPool;
 use super::pipe::{Ending, Pipe, Progress};
-use super::policy::Policy;
+use super::policy::{Policy, Takeover};
+use super::shared::{Command, Report, Shared};
 use super::reaper::Reaper;
 use super::transport::Transport;
 use crate::admission::{client_ip, Admission, Refused};
@@ -31,7 +36,8 @@ use crate::ws::{close_code, Role};
 
 const LISTENER: Token = Token(usize::MAX);
 const LISTENER_TLS: Token = Token(usize::MAX - 2);
-const SIGNALS: Token = Token(usize::MAX - 1);
+/// The worker's mailbox has commands (see [`Shared::send`]).
+pub const WAKER: Token = Token(usize::MAX - 1);
 /// Connections still in their handshake, at most; more are closed at once (each holds a socket
 /// and up to 8 KiB until `handshake_timeout`).
 const MAX_PENDING: usize = 1024;
@@ -43,13 +49,6 @@ const LINGER: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_secs(1);
 /// Free buffers kept for reuse.
 const POOL_KEEP: usize = 64;
-
-/// Why [`Relay::run`] returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    Shutdown,
-    Reload,
-}
 
 /// What the event loop needs to know.
 #[derive(Debug, Clone)]
@@ -93,7 +92,9 @@ pub struct Relay {
     listener: Option<TcpListener>,
     /// wss://, with the TLS configuration new connections use (SIGHUP may replace it).
     tls_listener: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
-    signals: Signals,
+    /// This worker's index (0..workers).
+    me: usize,
+    shared: Arc<Shared>,
     settings: Settings,
     slots: Vec<Slot>,
     queued: Vec<bool>,
@@ -105,12 +106,9 @@ pub struct Relay {
     pool: BufPool,
     clients: usize,
     bridge_index: u32,
-    /// Connection ids, never reused (DHCP leases are tied to them).
-    next_id: u64,
     /// Connection id → slot, for takeovers.
     by_id: std::collections::HashMap<u64, usize>,
-    /// Established clients per client address.
-    per_ip: std::collections::HashMap<std::net::IpAddr, usize>,
+    /// Handshakes in progress on this worker (limits on them are per worker).
     pending: usize,
     /// Handshakes in progress per peer address (not for trusted proxies), so one address
     /// cannot hold every handshake slot.
@@ -122,7 +120,6 @@ pub struct Relay {
     pub refused: [u64; 6],
     /// Counters of every connection that has ended (live ones are added when asked).
     totals: super::pipe::Stats,
-    started: Instant,
     /// One log limiter per refusal reason, so a flood of one kind cannot hide another.
     refusal_log: [RateLimited; 6],
     pending_log: RateLimited,
@@ -138,16 +135,17 @@ fn tap_token(i: usize) -> Token {
 }
 
 impl Relay {
-    /// `signals` (SIGINT, SIGTERM) is created by the caller before it changes the network, so a
-    /// signal that arrives during setup still leads to an orderly teardown.
+    /// Worker `me`: `poll` is the one its waker (in `shared`) was registered with, under
+    /// [`WAKER`]; the listeners are this worker's own sockets.
     pub fn new(
+        me: usize,
+        poll: Poll,
         listener: Option<std::net::TcpListener>,
         tls_listener: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
         settings: Settings,
         policy: Policy,
-        mut signals: Signals,
+        shared: Arc<Shared>,
     ) -> io::Result<Relay> {
-        let poll = Poll::new()?;
         let mio_listener = |l: std::net::TcpListener, token| -> io::Result<TcpListener> {
             l.set_nonblocking(true)?;
             let mut l = TcpListener::from_std(l);
@@ -156,13 +154,13 @@ impl Relay {
         };
         let listener = listener.map(|l| mio_listener(l, LISTENER)).transpose()?;
         let tls_listener = tls_listener.map(|(l, c)| mio_listener(l, LISTENER_TLS).map(|l| (l, c))).transpose()?;
-        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let pool = BufPool::new(Pipe::buffer_size_for(settings.max_frame), POOL_KEEP);
         Ok(Relay {
             poll,
             listener,
             tls_listener,
-            signals,
+            me,
+            shared,
             settings,
             slots: Vec::new(),
             queued: Vec::new(),
@@ -173,9 +171,7 @@ impl Relay {
             pool,
             clients: 0,
             bridge_index: 0,
-            next_id: 1,
             by_id: Default::default(),
-            per_ip: Default::default(),
             pending: 0,
             pending_per_ip: Default::default(),
             timers: Default::default(),
@@ -184,16 +180,19 @@ impl Relay {
             refusal_log: std::array::from_fn(|_| RateLimited::new(Duration::from_secs(10))),
             pending_log: RateLimited::new(Duration::from_secs(10)),
             totals: Default::default(),
-            started: Instant::now(),
             reaper: None,
         })
     }
 
     /// Bind the listening socket with a backlog of 1024, so bursts of browsers reconnecting
-    /// at once queue in the kernel instead of being refused.
-    pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    /// at once queue in the kernel instead of being refused. `reuse_port`: one of several
+    /// workers' sockets on the same address (SO_REUSEPORT; the kernel spreads connections).
+    pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
         let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
         s.set_reuse_address(true)?;
+        if reuse_port {
+            s.set_reuse_port(true)?;
+        }
         s.bind(&addr.into())?;
         s.listen(1024)?;
         Ok(s.into())
@@ -206,10 +205,9 @@ impl Relay {
         }
     }
 
-    /// Run until a signal: SIGINT/SIGTERM close every client and return [`Exit::Shutdown`];
-    /// SIGHUP returns [`Exit::Reload`] with every client still connected (call `run` again).
-    /// `netlink` attaches each new TAP to bridge `bridge_index`.
-    pub fn run(&mut self, bridge_index: u32, netlink: &mut Netlink) -> io::Result<Exit> {
+    /// Run until [`Command::Shutdown`], which closes every client. `netlink` (this worker's
+    /// own socket) attaches each new TAP to bridge `bridge_index`.
+    pub fn run(&mut self, bridge_index: u32, netlink: &mut Netlink) -> io::Result<()> {
         self.bridge_index = bridge_index;
         if self.reaper.is_none() {
             match Reaper::start(bridge_index) {
@@ -244,15 +242,10 @@ impl Relay {
                 match ev.token() {
                     LISTENER => self.accept(now, false),
                     LISTENER_TLS => self.accept(now, true),
-                    SIGNALS => {
-                        let pending: Vec<i32> = self.signals.pending().collect();
-                        if let Some(sig) = pending.iter().find(|s| **s != signal_hook::consts::SIGHUP) {
-                            log::info!("signal {sig}: shutting down");
+                    WAKER => {
+                        if self.commands(now) {
                             self.shutdown();
-                            return Ok(Exit::Shutdown);
-                        }
-                        if !pending.is_empty() {
-                            return Ok(Exit::Reload);
+                            return Ok(());
                         }
                     }
                     Token(t) => {
@@ -275,21 +268,12 @@ impl Relay {
                 }
             }
             self.run_queue(now);
-            for (old, new, mac) in std::mem::take(&mut self.policy.takeovers) {
-                let Some(&i) = self.by_id.get(&old) else { continue };
-                let stale = matches!(&self.slots[i], Slot::Client(c) if c.silent_for(now) >= TAKEOVER_SILENCE);
-                if stale {
-                    let e = Ending::new(
-                        "its MAC was taken over by a new connection of the same client",
-                        Some(close_code::GOING_AWAY),
-                    );
-                    self.end(i, e, now);
-                } else if let Some(&j) = self.by_id.get(&new) {
-                    // The old connection is alive: this is not a reconnect but a second use of
-                    // its MAC (clients behind one NAT share an address).
-                    self.policy.restore_owner(mac, old);
-                    let e = Ending::new("its MAC belongs to another active connection", Some(close_code::POLICY));
-                    self.end(j, e, now);
+            for t in std::mem::take(&mut self.policy.takeovers) {
+                let Takeover { old, old_worker, new, mac } = t;
+                if old_worker == self.me {
+                    self.takeover(old, new, self.me, mac, now);
+                } else {
+                    self.shared.send(old_worker, Command::Takeover { old, new, new_worker: self.me, mac });
                 }
             }
             self.policy.after_pass();
@@ -298,6 +282,52 @@ impl Relay {
                 self.tick(now);
                 next_tick = now + TICK;
             }
+        }
+    }
+
+    /// Commands from the mailbox; true for [`Command::Shutdown`].
+    fn commands(&mut self, now: Instant) -> bool {
+        let mut stop = false;
+        for cmd in self.shared.take_commands(self.me) {
+            match cmd {
+                Command::Shutdown => stop = true,
+                Command::Reload { settings, anti_spoofing, tls, done } => {
+                    self.update(*settings, anti_spoofing);
+                    if let Some(tls) = tls {
+                        self.set_tls(tls);
+                    }
+                    let _ = done.send(());
+                }
+                Command::Takeover { old, new, new_worker, mac } => self.takeover(old, new, new_worker, mac, now),
+                Command::Close { conn, code, reason } => {
+                    if let Some(&i) = self.by_id.get(&conn) {
+                        self.end(i, Ending::new(reason, Some(code)), now);
+                    }
+                }
+            }
+        }
+        stop
+    }
+
+    /// Connection `new` (on worker `new_worker`) claimed `mac` from `old`, ours: if `old` has
+    /// gone silent it is a reconnect and `old` is closed; else `old` keeps the MAC and `new` is
+    /// closed (clients behind one NAT share an address).
+    fn takeover(&mut self, old: u64, new: u64, new_worker: usize, mac: crate::wire::Mac, now: Instant) {
+        let Some(&i) = self.by_id.get(&old) else { return };
+        let stale = matches!(&self.slots[i], Slot::Client(c) if c.silent_for(now) >= TAKEOVER_SILENCE);
+        const REFUSED: &str = "its MAC belongs to another active connection";
+        if stale {
+            let e = Ending::new(
+                "its MAC was taken over by a new connection of the same client",
+                Some(close_code::GOING_AWAY),
+            );
+            self.end(i, e, now);
+        } else if new_worker != self.me {
+            self.policy.restore_owner(mac, old);
+            self.shared.send(new_worker, Command::Close { conn: new, code: close_code::POLICY, reason: REFUSED });
+        } else if let Some(&j) = self.by_id.get(&new) {
+            self.policy.restore_owner(mac, old);
+            self.end(j, Ending::new(REFUSED, Some(close_code::POLICY)), now);
         }
     }
 
@@ -454,8 +484,9 @@ impl Relay {
             Ok(Some(Outcome::Partial)) => unreachable!(),
             Ok(Some(Outcome::Upgrade(u))) => {
                 let ip = client_ip(p.peer.ip(), u.forwarded_for.as_deref(), &self.settings.admission.trusted_proxies);
-                let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
-                if let Err((why, r)) = self.settings.admission.check(&u, self.clients, from_ip) {
+                // Counted at once, across workers; given back if the TAP cannot be made.
+                let admitted = self.shared.lock().admit(&self.settings.admission, &u, ip);
+                if let Err((why, r)) = admitted {
                     return self.refuse(i, p, why, r, now);
                 }
                 let isolate = self.settings.isolation;
@@ -475,6 +506,7 @@ impl Relay {
                     Ok(t) => t,
                     Err(e) => {
                         log::error!("{}: cannot set up a TAP device: {e}", p.peer);
+                        self.shared.lock().release(ip);
                         let r = Refusal::new(503, "wsnic: cannot create a network device\n");
                         return self.refuse(i, p, Refused::TapFailed, r, now);
                     }
@@ -487,11 +519,12 @@ impl Relay {
                     Interest::READABLE | Interest::WRITABLE,
                 ) {
                     log::error!("{}: register TAP: {e}", p.peer);
+                    self.shared.lock().release(ip);
                     return self.refuse(i, p, Refused::TapFailed, Refusal::new(503, "wsnic: internal error\n"), now);
                 }
                 let via = if ip == p.peer.ip() { String::new() } else { format!(" for {ip}") };
                 log::info!("{}{via} connected on {} (path {})", p.peer, tap.name(), redact(&u.target));
-                let id = self.next_id;
+                let id = self.shared.next_id();
                 let mut c = Box::new(Pipe::new(id, p.sock, tap, p.peer, Role::Server, self.settings.max_frame, now));
                 c.client_ip = ip;
                 if let Some(rate) = self.settings.rate_limit {
@@ -501,9 +534,7 @@ impl Relay {
                 p.head = Vec::new();
                 self.slots[i] = Slot::Client(c);
                 self.clients += 1;
-                self.next_id += 1;
                 self.by_id.insert(id, i);
-                *self.per_ip.entry(ip).or_default() += 1;
                 self.policy.opened(id, ip);
                 self.schedule(i);
             }
@@ -548,17 +579,30 @@ impl Relay {
         self.freed.push(i);
     }
 
-    /// The state shown by the status page and the metrics.
-    pub fn snapshot(&self, now: Instant) -> crate::status::Snapshot {
-        use crate::relay::policy::{drop_reason, unix_now};
-        use crate::status::{ClientRow, LeaseRow, Snapshot};
+    /// This worker's clients and counters, as of `now`.
+    fn report(&self, now: Instant) -> Report {
+        use crate::relay::policy::unix_now;
+        use crate::status::ClientRow;
         let mut totals = self.totals;
         let mut clients = Vec::with_capacity(self.clients);
+        // Addresses not cached in the connection's state, looked up under the lock in one go
+        // (and only then: formatting the rows needs no lock).
+        let mut bound = std::collections::HashMap::new();
+        let unknown = || {
+            self.slots.iter().filter_map(|s| match s {
+                Slot::Client(c) if c.state.ip.is_none() => Some(c.id),
+                _ => None,
+            })
+        };
+        if self.policy.dhcp.is_some() && unknown().next().is_some() {
+            if let Some(d) = &self.shared.lock().dhcp {
+                bound.extend(unknown().filter_map(|id| Some((id, d.bound_ip(id, unix_now())?))));
+            }
+        }
         for slot in &self.slots {
             if let Slot::Client(c) = slot {
                 totals.add(&c.stats);
-                let ip =
-                    c.state.ip.or_else(|| self.policy.dhcp.as_ref().and_then(|d| d.server.bound_ip(c.id, unix_now())));
+                let ip = c.state.ip.or_else(|| bound.get(&c.id).copied());
                 clients.push(ClientRow {
                     peer: if c.client_ip == c.peer.ip() {
                         c.peer.to_string()
@@ -573,11 +617,28 @@ impl Relay {
                 });
             }
         }
+        Report {
+            clients,
+            totals,
+            refused: self.refused,
+            drops: self.policy.drops,
+            dhcp_messages: self.policy.dhcp_messages,
+        }
+    }
+
+    /// The state shown by the status page and the metrics: this worker's as of now, the other
+    /// workers' as of their last report (at most a second old).
+    pub fn snapshot(&self, now: Instant) -> crate::status::Snapshot {
+        use crate::relay::policy::{drop_reason, unix_now};
+        use crate::status::{LeaseRow, Snapshot};
+        let mut r = self.report(now);
+        if self.shared.workers() > 1 {
+            r.merge(&self.shared.others(self.me));
+        }
         let unix = unix_now() as i64;
-        let (leases, pool) = match &self.policy.dhcp {
+        let (leases, pool) = match &self.shared.lock().dhcp {
             Some(d) => {
                 let leases = d
-                    .server
                     .leases()
                     .map(|l| LeaseRow {
                         ip: l.ip,
@@ -587,21 +648,21 @@ impl Relay {
                         connected: l.conn.is_some(),
                     })
                     .collect();
-                (leases, Some((d.server.pool_size(), d.server.free_count(unix as u64))))
+                (leases, Some((d.pool_size(), d.free_count(unix as u64))))
             }
             None => (Vec::new(), None),
         };
         const DHCP_TYPES: [&str; 9] =
             ["other", "discover", "offer", "request", "decline", "ack", "nak", "release", "inform"];
         Snapshot {
-            uptime_secs: now.saturating_duration_since(self.started).as_secs(),
-            clients,
+            uptime_secs: now.saturating_duration_since(self.shared.started).as_secs(),
+            clients: r.clients,
             leases,
-            totals,
-            connections_total: self.next_id - 1,
-            refused: Refused::ALL.iter().zip(self.refused).map(|(r, n)| (r.label(), n)).collect(),
-            policy_drops: drop_reason::LABELS.iter().copied().zip(self.policy.drops).collect(),
-            dhcp_messages: DHCP_TYPES.iter().copied().zip(self.policy.dhcp_messages).collect(),
+            totals: r.totals,
+            connections_total: self.shared.connections_total(),
+            refused: Refused::ALL.iter().zip(r.refused).map(|(x, n)| (x.label(), n)).collect(),
+            policy_drops: drop_reason::LABELS.iter().copied().zip(r.drops).collect(),
+            dhcp_messages: DHCP_TYPES.iter().copied().zip(r.dhcp_messages).collect(),
             pool,
             config: self.settings.summary.clone(),
         }
@@ -661,14 +722,8 @@ impl Relay {
         c.drain_input();
         let _ = c.sock.shutdown(Shutdown::Write);
         c.release_idle(&mut self.pool);
-        self.policy.closed(c.id, &c.state);
+        self.policy.closed(c.id, c.client_ip, &c.state);
         self.by_id.remove(&c.id);
-        if let Some(n) = self.per_ip.get_mut(&c.client_ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_ip.remove(&c.client_ip);
-            }
-        }
         self.clients -= 1;
         self.freed.push(i);
         let _ = self.poll.registry().deregister(&mut SourceFd(&c.tap.as_raw_fd()));
@@ -677,9 +732,13 @@ impl Relay {
         }
     }
 
-    /// Once a second: handshake timeouts, keepalive pings, idle timeouts, lingering closes.
+    /// Once a second: handshake timeouts, keepalive pings, idle timeouts, lingering closes;
+    /// with several workers, this one's report for the others' status pages.
     fn tick(&mut self, now: Instant) {
         self.policy.tick();
+        if self.shared.workers() > 1 {
+            self.shared.publish(self.me, self.report(now));
+        }
         let s = self.settings.clone();
         for i in 0..self.slots.len() {
             match &mut self.slots[i] {
@@ -708,7 +767,7 @@ impl Relay {
         self.free.append(&mut self.freed);
     }
 
-    /// SIGINT/SIGTERM: tell every client we are going away, flush what we can, drop all.
+    /// Shutdown: tell every client we are going away, flush what we can, drop all.
     fn shutdown(&mut self) {
         let now = Instant::now();
         for i in 0..self.slots.len() {

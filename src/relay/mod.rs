@@ -1,5 +1,6 @@
-//! The I/O shell of the relay: one single-threaded epoll loop (mio) that owns the listener,
-//! every client socket and every TAP, and drives the sans-io cores.
+//! The I/O shell of the relay: single-threaded epoll loops (mio), one per worker, each owning
+//! its listening sockets, its clients' sockets and TAPs, and driving the sans-io cores; what
+//! the workers share is in `shared`, how they are started and stopped in `workers`.
 
 pub mod bufpool;
 pub mod event_loop;
@@ -7,6 +8,8 @@ pub mod pipe;
 pub mod policy;
 pub mod reaper;
 pub mod shaper;
+pub mod shared;
 pub mod transport;
+pub mod workers;
 
-pub use event_loop::{Exit, Relay, Settings};
+pub use event_loop::{Relay, Settings};

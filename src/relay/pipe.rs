@@ -59,6 +59,10 @@ pub struct ConnState {
     /// The address DHCP bound to it, as of `epoch` of the DHCP engine.
     pub ip: Option<std::net::Ipv4Addr>,
     pub epoch: Option<u64>,
+    /// Without a DHCP address: the last source address judged, the DHCP epoch of the verdict,
+    /// and whether it may be used (not another client's), so a client without a lease does
+    /// not ask the shared DHCP engine on every frame.
+    pub claim: Option<(std::net::Ipv4Addr, u64, bool)>,
 }
 
 /// Looks at every frame from a WebSocket before it reaches the TAP (the relay answers DHCP

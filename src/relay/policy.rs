@@ -3,14 +3,19 @@
 //! address, to that address — in IPv4 and in ARP), then DHCP: a request to us is answered
 //! in-line on the same WebSocket, so no other client ever sees it. Everything else goes on.
 //! Glue between the pipe and the pure DHCP engine; it also keeps the lease file in step.
+//!
+//! One per worker; what must be global (the DHCP engine, the MAC and connection maps) is in
+//! [`Shared`], behind its lock, which an ordinary frame of a known client never takes: the MAC
+//! lock, the DHCP address and the verdict on a lease-less client's source address are cached
+//! in its [`ConnState`] against the DHCP engine's epoch, read without the lock.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::pipe::{ConnState, Inspector, Verdict};
-use crate::dhcp::{server::Server, store, wire};
+use super::shared::{ConnInfo, Shared};
+use crate::dhcp::{server::Reply, wire};
 use crate::wire::{ethernet, ipv4, udp, Mac};
 
 const DHCP_SERVER_PORT: u16 = 67;
@@ -53,30 +58,23 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The built-in DHCP service of one relay.
+/// The built-in DHCP service as one worker sees it: the server's address and MAC (replies
+/// come from them) and the buffers replies are built in. The engine itself is shared
+/// ([`super::shared::State::dhcp`]).
 pub struct Dhcp {
-    pub server: Server,
     pub server_ip: Ipv4Addr,
     pub server_mac: Mac,
-    pub lease_file: Option<PathBuf>,
     frame: Vec<u8>,
     payload: Vec<u8>,
 }
 
 impl Dhcp {
-    pub fn new(server: Server, server_ip: Ipv4Addr, server_mac: Mac, lease_file: Option<PathBuf>) -> Dhcp {
-        Dhcp {
-            server,
-            server_ip,
-            server_mac,
-            lease_file,
-            frame: Vec::with_capacity(1024),
-            payload: Vec::with_capacity(600),
-        }
+    pub fn new(server_ip: Ipv4Addr, server_mac: Mac) -> Dhcp {
+        Dhcp { server_ip, server_mac, frame: Vec::with_capacity(1024), payload: Vec::with_capacity(600) }
     }
 
-    fn answer(&mut self, conn: u64, req: &DhcpRequest, msg: &wire::Message) -> Option<&[u8]> {
-        let reply = self.server.handle(conn, req.src_mac, req.broadcast, msg, unix_now())?;
+    /// `reply` as an Ethernet frame from the server.
+    fn frame(&mut self, reply: &Reply) -> &[u8] {
         self.payload.clear();
         wire::encode(&reply.msg, &mut self.payload);
         self.frame.clear();
@@ -87,18 +85,7 @@ impl Dhcp {
             (reply.dst_ip, DHCP_CLIENT_PORT),
             &self.payload,
         );
-        Some(&self.frame)
-    }
-
-    /// Write the lease file if the leases changed since the last call.
-    pub fn save_if_dirty(&mut self) {
-        if self.server.take_dirty() {
-            if let Some(path) = &self.lease_file {
-                if let Err(e) = store::save(path, self.server.leases()) {
-                    log::error!("writing the lease file {}: {e}", path.display());
-                }
-            }
-        }
+        &self.frame
     }
 }
 
@@ -125,70 +112,90 @@ pub mod drop_reason {
     ];
 }
 
-/// Per-frame decisions for the relay.
+/// A connection claimed a MAC that an older connection of the same client holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Takeover {
+    pub old: u64,
+    /// The worker that owns `old`.
+    pub old_worker: usize,
+    pub new: u64,
+    pub mac: Mac,
+}
+
+/// Per-frame decisions for one worker.
 pub struct Policy {
+    shared: Arc<Shared>,
+    /// This worker's index.
+    me: usize,
     pub dhcp: Option<Dhcp>,
     pub anti_spoofing: bool,
-    /// MAC → the connection locked to it.
-    mac_owner: HashMap<Mac, u64>,
-    /// Connection → its client's address (a takeover needs the same address).
-    client_ip: HashMap<u64, IpAddr>,
-    /// (old connection, new connection, MAC): a newer connection of the same client claimed
-    /// the old one's MAC. The relay closes the old one if it has gone silent, else the new one.
-    pub takeovers: Vec<(u64, u64, Mac)>,
+    /// A newer connection of the same client claimed an old one's MAC. The relay closes the
+    /// old one if it has gone silent, else the new one.
+    pub takeovers: Vec<Takeover>,
     /// Frames dropped, by reason (index into `drop_reason::ALL`).
     pub drops: [u64; 7],
     /// DHCP messages from clients by type (index: the message type, 1..=8; 0: other).
     pub dhcp_messages: [u64; 9],
+    /// The leases may have changed since the lease file was written.
+    leases_touched: bool,
 }
 
 impl Policy {
-    pub fn new(dhcp: Option<Dhcp>, anti_spoofing: bool) -> Policy {
+    pub fn new(shared: Arc<Shared>, me: usize, dhcp: Option<Dhcp>, anti_spoofing: bool) -> Policy {
         Policy {
+            shared,
+            me,
             dhcp,
             anti_spoofing,
-            mac_owner: HashMap::new(),
-            client_ip: HashMap::new(),
             takeovers: Vec::new(),
             drops: [0; 7],
             dhcp_messages: [0; 9],
+            leases_touched: false,
         }
     }
 
     /// A client connected from `ip`.
     pub fn opened(&mut self, conn: u64, ip: IpAddr) {
-        self.client_ip.insert(conn, ip);
+        self.shared.lock().conns.insert(conn, ConnInfo { ip, worker: self.me });
     }
 
     /// A takeover was refused (the old connection is active): `mac` stays `owner`'s.
     pub fn restore_owner(&mut self, mac: Mac, owner: u64) {
-        self.mac_owner.insert(mac, owner);
+        self.shared.lock().mac_owner.insert(mac, owner);
     }
 
-    /// A client's connection ended.
-    pub fn closed(&mut self, conn: u64, state: &ConnState) {
-        self.client_ip.remove(&conn);
+    /// A client's connection ended: it leaves the maps and the admission counts (`ip`: its
+    /// client address), its lease enters the grace period.
+    pub fn closed(&mut self, conn: u64, ip: IpAddr, state: &ConnState) {
+        let mut s = self.shared.lock();
+        s.conns.remove(&conn);
+        s.release(ip);
         if let Some(mac) = state.mac {
-            if self.mac_owner.get(&mac) == Some(&conn) {
-                self.mac_owner.remove(&mac);
+            if s.mac_owner.get(&mac) == Some(&conn) {
+                s.mac_owner.remove(&mac);
             }
         }
-        if let Some(d) = &mut self.dhcp {
-            d.server.connection_closed(conn, unix_now());
+        if let Some(d) = &mut s.dhcp {
+            d.connection_closed(conn, unix_now());
+            self.leases_touched = true;
         }
     }
 
     /// Once a second.
     pub fn tick(&mut self) {
-        if let Some(d) = &mut self.dhcp {
-            d.server.expire(unix_now());
+        if self.dhcp.is_some() {
+            if let Some(d) = &mut self.shared.lock().dhcp {
+                d.expire(unix_now());
+            }
+            self.leases_touched = true;
         }
     }
 
-    /// After every event-loop pass: at most one lease-file write per pass.
+    /// After every event-loop pass: at most one lease-file write per pass, and none (nor the
+    /// lock) when this worker changed nothing.
     pub fn after_pass(&mut self) {
-        if let Some(d) = &mut self.dhcp {
-            d.save_if_dirty();
+        if std::mem::take(&mut self.leases_touched) {
+            self.shared.save_leases();
         }
     }
 
@@ -197,6 +204,35 @@ impl Policy {
             self.drops[i] += 1;
         }
         Verdict::Drop(why)
+    }
+
+    /// May connection `conn`, without a DHCP address, use `a` as its source? Not the
+    /// gateway's, nor one bound to another client — asked of the engine only when `a` or the
+    /// epoch differs from the last frame's.
+    fn may_claim_unbound(&self, conn: u64, st: &mut ConnState, a: Ipv4Addr) -> bool {
+        let Some(d) = &self.dhcp else { return true };
+        if a == d.server_ip {
+            return false;
+        }
+        let epoch = self.shared.epoch();
+        if let Some((ip, e, ok)) = st.claim {
+            if ip == a && e == epoch {
+                return ok;
+            }
+        }
+        let s = self.shared.lock();
+        let ok = !s.dhcp.as_ref().is_some_and(|d| d.held_by_other(a, conn, unix_now()));
+        st.claim = Some((a, s.dhcp.as_ref().map_or(epoch, |d| d.epoch()), ok));
+        ok
+    }
+
+    /// May this connection use `a` as a source address? Its DHCP address if it has one;
+    /// without one, anything but the gateway's and addresses bound to other clients.
+    fn may_claim(&self, conn: u64, st: &mut ConnState, a: Ipv4Addr) -> bool {
+        match st.ip {
+            Some(ip) => a == ip,
+            None => self.may_claim_unbound(conn, st, a),
+        }
     }
 
     /// Anti-spoofing: Err(reason) if the frame must not pass.
@@ -210,35 +246,31 @@ impl Policy {
             Some(m) if m != src => return Err(drop_reason::SRC_MAC_CHANGED),
             Some(_) => {}
             None => {
-                match self.mac_owner.get(&src).copied() {
+                let mut s = self.shared.lock();
+                match s.mac_owner.get(&src).copied() {
                     Some(other) if other != conn => {
                         // The same MAC from the same client: a reconnect whose old socket has not
-                        // timed out yet — if the old one has gone silent (the relay checks). From
-                        // anyone else it is a spoofing attempt.
-                        if self.client_ip.get(&other) != self.client_ip.get(&conn) {
+                        // timed out yet — if the old one has gone silent (the relay checks, on
+                        // the old one's worker). From anyone else it is a spoofing attempt.
+                        if !s.same_client(other, conn) {
                             return Err(drop_reason::MAC_IN_USE);
                         }
-                        self.takeovers.push((other, conn, src));
+                        let old_worker = s.conns.get(&other).map_or(self.me, |c| c.worker);
+                        self.takeovers.push(Takeover { old: other, old_worker, new: conn, mac: src });
                     }
                     _ => {}
                 }
-                self.mac_owner.insert(src, conn);
+                s.mac_owner.insert(src, conn);
                 st.mac = Some(src);
             }
         }
-        if let Some(d) = &self.dhcp {
-            let epoch = d.server.epoch();
-            if st.epoch != Some(epoch) {
-                st.ip = d.server.bound_ip(conn, unix_now());
-                st.epoch = Some(epoch);
+        if self.dhcp.is_some() && st.epoch != Some(self.shared.epoch()) {
+            let s = self.shared.lock();
+            if let Some(d) = &s.dhcp {
+                st.ip = d.bound_ip(conn, unix_now());
+                st.epoch = Some(d.epoch());
             }
         }
-        // May this connection use `a` as a source address? Its DHCP address if it has one;
-        // without one, anything but the gateway's and addresses bound to other clients.
-        let may_claim = |a: Ipv4Addr, dhcp: &Option<Dhcp>| match st.ip {
-            Some(ip) => a == ip,
-            None => dhcp.as_ref().is_none_or(|d| a != d.server_ip && !d.server.held_by_other(a, conn, unix_now())),
-        };
         match eth.ethertype() {
             ethernet::ETHERTYPE_ARP => {
                 let p = eth.payload();
@@ -247,14 +279,14 @@ impl Policy {
                 }
                 let sha = &p[8..14];
                 let spa = Ipv4Addr::new(p[14], p[15], p[16], p[17]);
-                if sha != src || !(spa.is_unspecified() || may_claim(spa, &self.dhcp)) {
+                if sha != src || !(spa.is_unspecified() || self.may_claim(conn, st, spa)) {
                     return Err(drop_reason::ARP_SPOOFED);
                 }
             }
             ethernet::ETHERTYPE_IPV4 => match ipv4::Packet::parse(eth.payload()) {
                 Some(pkt) => {
                     let dhcp = pkt.src().is_unspecified() && dhcp_request(frame, Ipv4Addr::BROADCAST).is_some();
-                    if !dhcp && !may_claim(pkt.src(), &self.dhcp) {
+                    if !dhcp && !self.may_claim(conn, st, pkt.src()) {
                         return Err(drop_reason::SRC_IP_SPOOFED);
                     }
                 }
@@ -286,28 +318,36 @@ impl Inspector for Policy {
             }
         };
         self.dhcp_messages[msg.message_type().map_or(0, |t| t as usize)] += 1;
+        let mut s = self.shared.lock();
+        let Some(server) = &mut s.dhcp else { return Verdict::Forward };
         if self.anti_spoofing {
             // The DHCP fields name the client too: chaddr must be the connection's MAC, and a
             // lease held by another live connection may move only to the same client.
-            let other = d.server.key_held_elsewhere(conn, &msg);
-            let same_client = |o: u64| self.client_ip.get(&o) == self.client_ip.get(&conn);
-            if msg.client_mac() != st.mac || other.is_some_and(|o| !same_client(o)) {
+            let other = server.key_held_elsewhere(conn, &msg);
+            if msg.client_mac() != st.mac || other.is_some_and(|o| !s.same_client(o, conn)) {
+                drop(s);
                 return self.drop(drop_reason::DHCP_SPOOFED);
             }
         }
-        let Some(d) = &mut self.dhcp else { return Verdict::Forward };
-        let verdict = match d.answer(conn, &req, &msg) {
-            Some(reply) => Verdict::Reply(reply),
-            None => Verdict::Consume,
-        };
+        let Some(server) = &mut s.dhcp else { return Verdict::Forward };
+        let reply = server.handle(conn, req.src_mac, req.broadcast, &msg, unix_now());
+        drop(s);
+        self.leases_touched = true;
         st.epoch = None; // the exchange may have bound or released an address
-        verdict
+        st.claim = None;
+        let Some(d) = &mut self.dhcp else { return Verdict::Forward };
+        match reply {
+            Some(r) => Verdict::Reply(d.frame(&r)),
+            None => Verdict::Consume,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dhcp::server::{Server, ServerConfig};
+    use std::sync::atomic::Ordering;
 
     fn frame(dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
         let mut f = Vec::new();
@@ -333,5 +373,138 @@ mod tests {
         bad[n - 1] ^= 0xff; // UDP checksum no longer matches
         assert_eq!(dhcp_request(&bad, us), None);
         assert_eq!(dhcp_request(&[0u8; 13], us), None);
+    }
+
+    const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 1);
+
+    /// A `Shared` for `workers` workers with a DHCP engine on 192.168.2.0/24; the Polls keep
+    /// the wakers valid.
+    fn shared(workers: usize) -> (Arc<Shared>, Vec<mio::Poll>) {
+        let polls: Vec<mio::Poll> = (0..=workers).map(|_| mio::Poll::new().unwrap()).collect();
+        let mut wakers: Vec<mio::Waker> =
+            polls.iter().map(|p| mio::Waker::new(p.registry(), mio::Token(0)).unwrap()).collect();
+        let main = wakers.pop().unwrap();
+        let server = Server::new(ServerConfig {
+            server_ip: GW,
+            subnet: "192.168.2.0/24".parse().unwrap(),
+            router: GW,
+            dns: vec![],
+            domain_name: None,
+            mtu: None,
+            lease_time: 3600,
+            range: None,
+            reservations: vec![],
+            grace: 300,
+            quarantine: 600,
+            offer_timeout: 60,
+        })
+        .unwrap();
+        (Arc::new(Shared::new(Some(server), None, wakers, main)), polls)
+    }
+
+    fn policy(shared: &Arc<Shared>, worker: usize) -> Policy {
+        Policy::new(shared.clone(), worker, Some(Dhcp::new(GW, [2, 0, 0, 0, 0, 1])), true)
+    }
+
+    /// A UDP frame from `mac`, `src`:1000 to 198.51.100.1:2000.
+    fn udp_from(mac: Mac, src: Ipv4Addr) -> Vec<u8> {
+        let mut f = Vec::new();
+        ethernet::write_header(&mut f, [2, 0, 0, 0, 0, 1], mac, ethernet::ETHERTYPE_IPV4);
+        udp::write_ipv4_udp(&mut f, (src, 1000), (Ipv4Addr::new(198, 51, 100, 1), 2000), b"data");
+        f
+    }
+
+    /// A DHCP message of type `ty` from `mac` (broadcast, from 0.0.0.0).
+    fn dhcp_from(mac: Mac, ty: u8, requested: Option<Ipv4Addr>) -> Vec<u8> {
+        let mut chaddr = [0; 16];
+        chaddr[..6].copy_from_slice(&mac);
+        let mut m = wire::Message { op: 1, htype: 1, hlen: 6, xid: 7, chaddr, ..Default::default() };
+        m.set_option(wire::opt::MESSAGE_TYPE, [ty]);
+        if let Some(ip) = requested {
+            m.set_option(wire::opt::REQUESTED_IP, ip.octets());
+            m.set_option(wire::opt::SERVER_ID, GW.octets());
+        }
+        let mut payload = Vec::new();
+        wire::encode(&m, &mut payload);
+        let mut f = Vec::new();
+        ethernet::write_header(&mut f, [0xff; 6], mac, ethernet::ETHERTYPE_IPV4);
+        udp::write_ipv4_udp(&mut f, (Ipv4Addr::UNSPECIFIED, 68), (Ipv4Addr::BROADCAST, 67), &payload);
+        f
+    }
+
+    /// The address a DHCP reply frame offers or acknowledges.
+    fn yiaddr(v: Verdict) -> Ipv4Addr {
+        let Verdict::Reply(f) = v else { panic!("no reply: {v:?}") };
+        wire::decode(&f[14 + 20 + 8..]).unwrap().yiaddr
+    }
+
+    #[test]
+    fn ordinary_frames_take_no_lock() {
+        let (sh, _poll) = shared(1);
+        let mut p = policy(&sh, 0);
+        let m = [2, 0, 0, 0, 0, 9];
+        p.opened(1, "203.0.113.1".parse().unwrap());
+        let mut st = ConnState::default();
+        let locks = || sh.locks.load(Ordering::Relaxed);
+
+        // Without a lease: the first frame locks the MAC and judges the address; the rest
+        // are judged from the cache.
+        let any = Ipv4Addr::new(192, 168, 2, 50);
+        assert_eq!(p.inspect(1, &mut st, &udp_from(m, any)), Verdict::Forward);
+        let n = locks();
+        for _ in 0..10 {
+            assert_eq!(p.inspect(1, &mut st, &udp_from(m, any)), Verdict::Forward);
+        }
+        assert_eq!(locks(), n, "a lease-less client's frames took the lock");
+
+        // With a lease: after the exchange, one look at the engine, then none.
+        let offered = yiaddr(p.inspect(1, &mut st, &dhcp_from(m, 1, None)));
+        assert_eq!(yiaddr(p.inspect(1, &mut st, &dhcp_from(m, 3, Some(offered)))), offered);
+        assert_eq!(p.inspect(1, &mut st, &udp_from(m, offered)), Verdict::Forward);
+        let n = locks();
+        for _ in 0..10 {
+            assert_eq!(p.inspect(1, &mut st, &udp_from(m, offered)), Verdict::Forward);
+        }
+        assert_eq!(locks(), n, "a leased client's frames took the lock");
+        assert_eq!(p.inspect(1, &mut st, &udp_from(m, any)), Verdict::Drop(drop_reason::SRC_IP_SPOOFED));
+
+        // Another worker's client may not use that address; its verdict is cached too, until
+        // the engine changes.
+        let mut q = policy(&sh, 0);
+        q.opened(2, "203.0.113.2".parse().unwrap());
+        let mut st2 = ConnState::default();
+        let m2 = [2, 0, 0, 0, 0, 10];
+        let spoof = drop_reason::SRC_IP_SPOOFED;
+        assert_eq!(q.inspect(2, &mut st2, &udp_from(m2, offered)), Verdict::Drop(spoof));
+        let n = locks();
+        assert_eq!(q.inspect(2, &mut st2, &udp_from(m2, offered)), Verdict::Drop(spoof));
+        assert_eq!(locks(), n);
+        // The holder leaves (it was admitted, as every connection is): the epoch moves, and
+        // the address is free once its grace period is over.
+        let req = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let crate::ws::handshake::Outcome::Upgrade(up) = crate::ws::handshake::parse_request(req) else { panic!() };
+        let adm = crate::admission::Admission { max_clients: 9, max_per_ip: 9, ..Default::default() };
+        let client = "203.0.113.1".parse().unwrap();
+        sh.lock().admit(&adm, &up, client).unwrap();
+        p.closed(1, client, &st);
+        sh.lock().dhcp.as_mut().unwrap().expire(unix_now() + 301);
+        assert_eq!(q.inspect(2, &mut st2, &udp_from(m2, offered)), Verdict::Forward);
+    }
+
+    #[test]
+    fn mac_locks_span_workers() {
+        let (sh, _poll) = shared(2);
+        let (mut w0, mut w1) = (policy(&sh, 0), policy(&sh, 1));
+        let m = [2, 0, 0, 0, 0, 9];
+        let a = Ipv4Addr::new(192, 168, 2, 50);
+        w1.opened(1, "203.0.113.1".parse().unwrap());
+        w0.opened(2, "203.0.113.1".parse().unwrap()); // the same client, on worker 0
+        w0.opened(3, "203.0.113.3".parse().unwrap()); // another client
+        let (mut s1, mut s2, mut s3) = (ConnState::default(), ConnState::default(), ConnState::default());
+        assert_eq!(w1.inspect(1, &mut s1, &udp_from(m, a)), Verdict::Forward);
+        assert_eq!(w0.inspect(3, &mut s3, &udp_from(m, a)), Verdict::Drop(drop_reason::MAC_IN_USE));
+        assert_eq!(w0.inspect(2, &mut s2, &udp_from(m, a)), Verdict::Forward);
+        assert_eq!(w0.takeovers, [Takeover { old: 1, old_worker: 1, new: 2, mac: m }]);
+        assert!(w1.takeovers.is_empty());
     }
 }
