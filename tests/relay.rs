@@ -481,3 +481,39 @@ fn sighup_reloads_what_can_change() {
     assert!(ns.link_exists("wsnicbr0"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_spare_tap_is_reused_clean_and_then_removed() {
+    let ns = Netns::new("spare");
+    let mut w = Wsnic::start(&ns, &[]);
+    // The sleeper (wsnic0) reads nothing: frames flooded to it fill its TAP's kernel queue.
+    let sleeper = raw_ws(&ns);
+    w.wait_log("connected on wsnic0", 5 * SEC);
+    let mut flood = Guest::connect(&ns, mac(51), ip(51));
+    let mut f = vec![0u8; 1400];
+    f[..6].copy_from_slice(&mac(50)); // unknown to the bridge: flooded to the sleeper
+    f[6..12].copy_from_slice(&mac(51));
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    let burst: Vec<u8> = client_frame(2, &f).repeat(100);
+    for _ in 0..100 {
+        flood.ws.get_mut().write_all(&burst).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = ns.ip(&["-s", "-j", "link", "show", "wsnic0"]);
+    assert!(!stats.contains("\"dropped\":0}"), "the sleeper's queue should be full: {stats}");
+    // The sleeper leaves; its TAP becomes a spare, and the next client gets it.
+    drop(sleeper);
+    w.wait_log("on wsnic0 disconnected", 5 * SEC);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut next = Guest::connect(&ns, mac(52), ip(52));
+    assert_eq!(w.log_text().matches("connected on wsnic0").count(), 2, "the spare was not reused:\n{}", w.log_text());
+    // Nothing queued for the sleeper reaches the newcomer, and the newcomer's traffic flows.
+    assert!(next.recv_until(SEC, |f| f[..6] == mac(50)).is_none(), "a frame queued for the previous client leaked");
+    let gw_mac = next.arp(GW);
+    next.send(frames::icmp_echo(8, next.mac, gw_mac, next.ip, GW, 9, 1, b"spare"));
+    assert!(next.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((GW, ip(52), 0, 9, 1))).is_some());
+    // Once every client has left, spares do not linger.
+    drop(next);
+    drop(flood);
+    assert!(eventually(10 * SEC, || ns.bridge_ports("wsnicbr0").is_empty()), "{:?}", ns.bridge_ports("wsnicbr0"));
+}

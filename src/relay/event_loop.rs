@@ -47,6 +47,9 @@ const TAKEOVER_SILENCE: Duration = Duration::from_secs(5);
 /// How long a closing connection may take to flush its last frames.
 const LINGER: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_secs(1);
+/// TAPs of finished clients kept (down, on the bridge) for new clients, at most, and how long.
+const SPARE_TAPS: usize = 32;
+const SPARE_TTL: Duration = Duration::from_secs(2);
 /// Free buffers kept for reuse.
 const POOL_KEEP: usize = 64;
 
@@ -210,7 +213,7 @@ impl Relay {
     pub fn run(&mut self, bridge_index: u32, netlink: &mut Netlink) -> io::Result<()> {
         self.bridge_index = bridge_index;
         if self.reaper.is_none() {
-            match Reaper::start(bridge_index) {
+            match Reaper::start(bridge_index, SPARE_TAPS, SPARE_TTL) {
                 Ok(r) => self.reaper = Some(r),
                 // TAPs then close on this thread: correct, only slower.
                 Err(e) => log::warn!("cannot start the TAP reaper thread: {e}"),
@@ -489,20 +492,7 @@ impl Relay {
                 if let Err((why, r)) = admitted {
                     return self.refuse(i, p, why, r, now);
                 }
-                let isolate = self.settings.isolation;
-                let tap = match Tap::open(&self.settings.tap_pattern, self.settings.tap_offload).and_then(|t| {
-                    if t.has_vnet_hdr() {
-                        // Before it is up: no super-frame with more segments than a pipe cuts.
-                        netlink.set_gso_max_segs(t.index(), super::pipe::MAX_SEGMENTS as u32)?;
-                    }
-                    if isolate {
-                        // Isolated before it is up: no frame crosses without isolation.
-                        netlink.attach_isolated_up(t.index(), self.bridge_index)?;
-                    } else {
-                        netlink.attach_up(t.index(), self.bridge_index)?;
-                    }
-                    Ok(t)
-                }) {
+                let tap = match self.tap_for_client(netlink) {
                     Ok(t) => t,
                     Err(e) => {
                         log::error!("{}: cannot set up a TAP device: {e}", p.peer);
@@ -539,6 +529,34 @@ impl Relay {
                 self.schedule(i);
             }
         }
+    }
+
+    /// A TAP for a new client, on the bridge and up: a spare the reaper kept (it only has to
+    /// go up), or a new one.
+    fn tap_for_client(&self, netlink: &mut Netlink) -> io::Result<Tap> {
+        if let Some(t) = self.reaper.as_ref().and_then(Reaper::spare) {
+            match netlink.set_up(t.index()) {
+                Ok(()) => return Ok(t),
+                Err(e) => {
+                    log::debug!("spare {}: {e}", t.name());
+                    if let Some(r) = &self.reaper {
+                        r.reap(t);
+                    }
+                }
+            }
+        }
+        let t = Tap::open(&self.settings.tap_pattern, self.settings.tap_offload)?;
+        if t.has_vnet_hdr() {
+            // Before it is up: no super-frame with more segments than a pipe cuts.
+            netlink.set_gso_max_segs(t.index(), super::pipe::MAX_SEGMENTS as u32)?;
+        }
+        if self.settings.isolation {
+            // Isolated before it is up: no frame crosses without isolation.
+            netlink.attach_isolated_up(t.index(), self.bridge_index)?;
+        } else {
+            netlink.attach_up(t.index(), self.bridge_index)?;
+        }
+        Ok(t)
     }
 
     /// A plain HTTP GET: `/healthz` for anyone; `/` (status page) and `/metrics` for
