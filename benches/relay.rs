@@ -57,8 +57,7 @@ fn main() {
         }
     }
     let title = format!(
-        "wsnic relay benchmark: `{}`; relay args `{}`; connect args `{}`; median of {} runs × {} s; {:.0} s in all",
-        std::env::args().next().unwrap_or_default().rsplit('/').next().unwrap_or_default(),
+        "wsnic relay benchmark (`cargo bench --bench relay`): relay args `{}`; connect args `{}`; median of {} runs × {} s; {:.0} s in all",
         settings.relay_argv().join(" "),
         settings.connect_args.join(" "),
         settings.runs,

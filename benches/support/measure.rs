@@ -289,17 +289,17 @@ impl WaitSampler {
                 for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
                     let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
                     let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("?");
-                    let place = if state == "R" {
-                        "running".to_string()
+                    let w = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+                    let w = w.trim();
+                    // wchan "0": it woke between the two reads.
+                    let place = if state == "R" || w.is_empty() || w == "0" {
+                        "running"
+                    } else if w.contains("poll") {
+                        "epoll"
                     } else {
-                        let w = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
-                        if w.contains("epoll") || w.contains("poll") {
-                            "epoll".to_string()
-                        } else {
-                            w.trim().to_string()
-                        }
+                        w
                     };
-                    *counts.entry(place).or_insert(0) += 1;
+                    *counts.entry(place.to_string()).or_insert(0) += 1;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
