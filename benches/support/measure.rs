@@ -271,9 +271,10 @@ pub fn machine_description() -> String {
     )
 }
 
-/// Where the relay's threads are, sampled every 5 ms from `/proc/PID/task/*/{stat,wchan}`
-/// while it runs: on a CPU, waiting for events (epoll), or blocked in the kernel somewhere else
-/// — which shows a relay that is slow without using its CPU.
+/// Where the relay's event-loop threads (named `w0`, `w1`, …) are, sampled every 5 ms from
+/// `/proc/PID/task/*/{comm,stat,wchan}` while it runs: on a CPU, waiting for events (epoll), or
+/// blocked in the kernel somewhere else — which shows a relay that is slow without using its
+/// CPU. Helper threads (the signal-waiting main thread, the TAP reaper) are not counted.
 pub struct WaitSampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: Option<std::thread::JoinHandle<std::collections::HashMap<String, u64>>>,
@@ -287,6 +288,13 @@ impl WaitSampler {
             let mut counts = std::collections::HashMap::new();
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
                 for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+                    let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                    let comm = comm.trim();
+                    let event_loop =
+                        comm.len() > 1 && comm.starts_with('w') && comm[1..].bytes().all(|b| b.is_ascii_digit());
+                    if !event_loop {
+                        continue;
+                    }
                     let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
                     let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("?");
                     let w = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
@@ -316,7 +324,7 @@ impl WaitSampler {
         let total: u64 = counts.values().sum();
         let (place, n) = counts.iter().filter(|(p, _)| *p != "running" && *p != "epoll").max_by_key(|(_, n)| **n)?;
         let pct = 100.0 * *n as f64 / total.max(1) as f64;
-        (pct >= 5.0).then(|| format!("relay blocked in {place} {pct:.0}% of the time"))
+        (pct >= 5.0).then(|| format!("event loop blocked in {place} {pct:.0}% of the time"))
     }
 }
 

@@ -546,6 +546,13 @@ impl Relay {
             }
         }
         let t = Tap::open(&self.settings.tap_pattern, self.settings.tap_offload)?;
+        // A bridge port needs no IPv6 of its own. Left on, every TAP going up would get a
+        // link-local address, and the host would send DAD, MLD and router solicitations from it
+        // straight to the client (and spend a kernel worker on it per connection).
+        match crate::sys::sysctl::write(&format!("net/ipv6/conf/{}/disable_ipv6", t.name()), "1") {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         if t.has_vnet_hdr() {
             // Before it is up: no super-frame with more segments than a pipe cuts.
             netlink.set_gso_max_segs(t.index(), super::pipe::MAX_SEGMENTS as u32)?;
