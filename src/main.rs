@@ -254,8 +254,9 @@ fn serve(cfg: &Config) -> Result<(), String> {
                         reload(&workers, cfg, net.uplink.as_deref());
                     }
                 }
-                _ if workers.any_stopped() => break 'run Err("an event loop stopped".to_string()),
-                _ => {}
+                // Only a worker that stopped on its own wakes this: its thread may still be
+                // finishing (dropping its TAPs), so do not wait for it to be seen as finished.
+                _ => break 'run Err("an event loop stopped".to_string()),
             }
         }
     };

@@ -47,6 +47,8 @@ const TAKEOVER_SILENCE: Duration = Duration::from_secs(5);
 /// How long a closing connection may take to flush its last frames.
 const LINGER: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_secs(1);
+/// Ports a Linux bridge holds (BR_MAX_PORTS less one).
+const BRIDGE_PORTS: usize = 1023;
 /// TAPs of finished clients kept (down, on the bridge) for new clients, at most, and how long.
 const SPARE_TAPS: usize = 32;
 const SPARE_TTL: Duration = Duration::from_secs(2);
@@ -213,7 +215,9 @@ impl Relay {
     pub fn run(&mut self, bridge_index: u32, netlink: &mut Netlink) -> io::Result<()> {
         self.bridge_index = bridge_index;
         if self.reaper.is_none() {
-            match Reaper::start(bridge_index, SPARE_TAPS, SPARE_TTL) {
+            // Spares are bridge ports too: keep them only within the bridge's port limit.
+            let headroom = BRIDGE_PORTS.saturating_sub(self.settings.admission.max_clients) / self.shared.workers();
+            match Reaper::start(bridge_index, SPARE_TAPS.min(headroom), SPARE_TTL) {
                 Ok(r) => self.reaper = Some(r),
                 // TAPs then close on this thread: correct, only slower.
                 Err(e) => log::warn!("cannot start the TAP reaper thread: {e}"),
@@ -546,6 +550,19 @@ impl Relay {
             }
         }
         let t = Tap::open(&self.settings.tap_pattern, self.settings.tap_offload)?;
+        match self.set_up_new(&t, netlink) {
+            Ok(()) => Ok(t),
+            Err(e) => {
+                if let Some(r) = &self.reaper {
+                    r.reap(t); // closing it here would block this thread for a grace period
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A new TAP's first setup: no IPv6, segment limit, onto the bridge (isolated first), up.
+    fn set_up_new(&self, t: &Tap, netlink: &mut Netlink) -> io::Result<()> {
         // A bridge port needs no IPv6 of its own. Left on, every TAP going up would get a
         // link-local address, and the host would send DAD, MLD and router solicitations from it
         // straight to the client (and spend a kernel worker on it per connection).
@@ -563,7 +580,7 @@ impl Relay {
         } else {
             netlink.attach_up(t.index(), self.bridge_index)?;
         }
-        Ok(t)
+        Ok(())
     }
 
     /// A plain HTTP GET: `/healthz` for anyone; `/` (status page) and `/metrics` for

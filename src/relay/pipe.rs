@@ -180,34 +180,57 @@ struct TapIo<'a> {
     tap: &'a Tap,
     writable: &'a mut bool,
     failed: &'a mut Option<io::Error>,
-    drops: &'a mut u64,
+}
+
+/// What became of a write to the TAP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wrote {
+    Yes,
+    /// Refused for good (the caller counts it as dropped).
+    Refused,
+    /// Not now: the TAP would block, or failed (the connection ends).
+    Blocked,
 }
 
 impl TapIo<'_> {
-    /// Write one frame (behind `vnet` if given); false if the TAP would block or failed. A
-    /// frame the TAP refuses for another reason is dropped and counted (true: it is done).
-    fn write(&mut self, vnet: Option<&[u8; VNET_HDR_LEN]>, bytes: &[u8]) -> bool {
+    /// Write one frame (behind `vnet` if given).
+    fn write(&mut self, vnet: Option<&[u8; VNET_HDR_LEN]>, bytes: &[u8]) -> Wrote {
         let r = match vnet {
             Some(h) => self.tap.write_vnet(h, bytes),
             None => self.tap.write(bytes),
         };
         match r {
-            Ok(_) => true,
+            Ok(_) => Wrote::Yes,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 *self.writable = false;
-                false
+                Wrote::Blocked
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EBADFD | libc::EIO | libc::ENODEV | libc::ENXIO)) => {
                 *self.failed = Some(e);
-                false
+                Wrote::Blocked
             }
             Err(e) => {
-                *self.drops += 1;
                 log::debug!("{} refused a frame of {} bytes: {e}", self.tap.name(), bytes.len());
-                true
+                Wrote::Refused
             }
         }
     }
+}
+
+/// Account for a write of the staged batch: its frames are delivered or dropped, and the stage
+/// is free again — unless the TAP would not take it (false: it stays staged).
+fn batch_written(wrote: Wrote, stats: &mut Stats, staged: &mut usize, batch: &mut (u64, u64)) -> bool {
+    match wrote {
+        Wrote::Blocked => return false,
+        Wrote::Yes => {
+            stats.to_tap_frames += batch.0;
+            stats.to_tap_bytes += batch.1;
+        }
+        Wrote::Refused => stats.drop_tap_error += batch.0,
+    }
+    *staged = 0;
+    *batch = (0, 0);
+    true
 }
 
 /// A frame already unmasked but not yet taken by the TAP.
@@ -269,6 +292,8 @@ pub struct Pipe {
     stage: Option<Box<[u8]>>,
     /// Offload: a finished super-frame (`stage[..staged]`) the TAP would not take yet.
     staged: usize,
+    /// Offload: frames and bytes in the open or staged batch, counted once it is written.
+    batch: (u64, u64),
     last_heard: Instant,
     ping_sent: bool,
 }
@@ -317,6 +342,7 @@ impl Pipe {
             gro: Coalescer::new(),
             stage: None,
             staged: 0,
+            batch: (0, 0),
             last_heard: now,
             ping_sent: false,
         }
@@ -569,20 +595,13 @@ impl Pipe {
         r
     }
 
-    /// Write the finished super-frame; false if the TAP would not take it yet.
+    /// Write the finished super-frame; false if the TAP would not take it yet. Its frames are
+    /// counted now: delivered, or dropped if the kernel refused the batch.
     fn write_staged(&mut self) -> bool {
         let stage = self.stage.as_ref().expect("staged in it");
-        let mut io = TapIo {
-            tap: &self.tap,
-            writable: &mut self.tap_writable,
-            failed: &mut self.tap_failed,
-            drops: &mut self.stats.drop_tap_error,
-        };
-        if !io.write(None, &stage[..self.staged]) {
-            return false;
-        }
-        self.staged = 0;
-        true
+        let mut io = TapIo { tap: &self.tap, writable: &mut self.tap_writable, failed: &mut self.tap_failed };
+        let wrote = io.write(None, &stage[..self.staged]);
+        batch_written(wrote, &mut self.stats, &mut self.staged, &mut self.batch)
     }
 
     fn ws_frames_to_tap(
@@ -749,45 +768,60 @@ impl Pipe {
             // a batch is always written before the frame after it.
             let cand = Candidate::parse(frame);
             let stage = self.stage.get_or_insert_with(|| pool.get());
+            let len = frame.len() as u64;
             loop {
                 let push = match &cand {
                     Some(c) => self.gro.push(stage, frame, c),
                     None if self.gro.is_empty() => Push::Alone,
                     None => Push::Flush,
                 };
-                let mut io = TapIo {
-                    tap: &self.tap,
-                    writable: &mut self.tap_writable,
-                    failed: &mut self.tap_failed,
-                    drops: &mut self.stats.drop_tap_error,
-                };
+                if matches!(push, Push::Staged | Push::Full) {
+                    // Counted as delivered when the batch is written.
+                    self.batch.0 += 1;
+                    self.batch.1 += len;
+                }
                 match push {
                     Push::Staged => break,
                     Push::Alone => {
-                        if !io.write(Some(&vnet::ZERO), frame) {
-                            return false;
+                        let mut io =
+                            TapIo { tap: &self.tap, writable: &mut self.tap_writable, failed: &mut self.tap_failed };
+                        let wrote = match self.stalled {
+                            // The bytes before the frame (its WebSocket header, frames already
+                            // passed on) are spent: the plain header goes there, and the frame
+                            // leaves with one write() rather than a writev() of two pieces.
+                            Stalled::InBuf { start, end, .. } if start >= VNET_HDR_LEN => {
+                                let inb = self.inb.as_mut().expect("stalled in it");
+                                inb[start - VNET_HDR_LEN..start].copy_from_slice(&vnet::ZERO);
+                                io.write(None, &inb[start - VNET_HDR_LEN..end])
+                            }
+                            _ => io.write(Some(&vnet::ZERO), frame),
+                        };
+                        match wrote {
+                            Wrote::Blocked => return false,
+                            Wrote::Yes => {
+                                self.stats.to_tap_frames += 1;
+                                self.stats.to_tap_bytes += len;
+                            }
+                            Wrote::Refused => self.stats.drop_tap_error += 1,
                         }
                         break;
                     }
                     Push::Full | Push::Flush => {
                         self.staged = self.gro.finish(stage);
-                        let written = io.write(None, &stage[..self.staged]);
-                        if written {
-                            self.staged = 0;
-                        }
+                        let mut io =
+                            TapIo { tap: &self.tap, writable: &mut self.tap_writable, failed: &mut self.tap_failed };
+                        let wrote = io.write(None, &stage[..self.staged]);
+                        batch_written(wrote, &mut self.stats, &mut self.staged, &mut self.batch);
                         if push == Push::Full {
                             break; // the frame is in the batch, which waits for the TAP if it must
                         }
-                        if !written {
+                        if wrote == Wrote::Blocked {
                             return false; // the frame stays stalled behind the batch
                         }
                     }
                 }
             }
-            self.stats.to_tap_frames += 1;
-            self.stats.to_tap_bytes += frame.len() as u64;
-            let n = frame.len();
-            self.spend(0, n);
+            self.spend(0, len as usize);
         } else {
             match self.tap.write(frame) {
                 Ok(_) => {
@@ -856,15 +890,25 @@ impl Pipe {
                 Some(h) if n < OFFLOAD_READ => segment::plan(&h, &scratch[VNET_HDR_LEN..n]),
                 _ => Err(segment::Error::Truncated),
             };
-            let frame = &scratch[VNET_HDR_LEN..n];
+            // The room checked above fits MAX_SEGMENTS segments. A super-frame the kernel did not
+            // hold to `gso_max_segs` (one forwarded from another TAP or a VM) may need more:
+            // moving the queued output to the front may make it; otherwise it is dropped.
+            let fits = |p: &segment::Plan, free: usize| p.total_len() + p.count() * MAX_HEADER + CONTROL_ROOM <= free;
             let plan = match plan {
-                Ok(p) if p.count() <= MAX_SEGMENTS => p,
+                Ok(p) if fits(&p, outb.len() - self.out_end) => p,
+                Ok(p) if self.out_start > 0 && fits(&p, outb.len() - (self.out_end - self.out_start)) => {
+                    outb.copy_within(self.out_start..self.out_end, 0);
+                    self.out_end -= self.out_start;
+                    self.out_start = 0;
+                    p
+                }
                 r => {
                     self.stats.drop_offload += 1;
                     log::debug!("{}: {} handed over a frame of {n} bytes not cut: {r:?}", self.peer, self.tap.name());
                     continue;
                 }
             };
+            let frame = &scratch[VNET_HDR_LEN..n];
             for i in 0..plan.count() {
                 let len = plan.seg_len(i);
                 if len > self.max_frame {

@@ -89,10 +89,12 @@ impl Workers {
             relays.push(Relay::new(i, poll, l.ws, l.wss, settings.clone(), policy, shared.clone())?);
         }
         let mut threads = Vec::with_capacity(n);
-        for (i, mut relay) in relays.into_iter().enumerate() {
+        for (i, relay) in relays.into_iter().enumerate() {
             let exit = WakeMainOnExit(shared.clone());
             let t = std::thread::Builder::new().name(format!("w{i}")).spawn(move || {
                 let _exit = exit;
+                // Declared after `_exit`, so dropped (TAPs reaped) before it wakes the main thread.
+                let mut relay = relay;
                 if n > 1 {
                     crate::logging::set_thread_tag(format!("[w{i}] "));
                 }
@@ -112,11 +114,6 @@ impl Workers {
             }
         }
         Ok(Workers { shared, threads })
-    }
-
-    /// Has a worker stopped (it should not before [`Workers::stop`])?
-    pub fn any_stopped(&self) -> bool {
-        self.threads.iter().any(|t| t.is_finished())
     }
 
     /// New settings for every worker; returns once all have them in force.
