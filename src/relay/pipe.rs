@@ -9,6 +9,9 @@
 //! - TAP → WebSocket: each TAP `read()` lands straight in the output buffer behind room for
 //!   the frame header; every ready frame leaves in one `write()` at the end of the pass. Over
 //!   the high-water mark the TAP is not read, so the kernel's queue drops, as a real NIC does.
+//! - With offload (`Tap::has_vnet_hdr`), a TAP read may be a super-frame, cut here into real
+//!   frames (`offload::segment`), and a client's consecutive TCP segments are merged into one
+//!   super-frame for the TAP (`offload::coalesce`), never held past the pass.
 //!
 //! Readiness is edge-triggered: the `*_ready` flags latch each fd's state until an operation
 //! returns `WouldBlock`. Each pass moves at most [`BUDGET`] frames per direction, so one busy
@@ -92,8 +95,9 @@ fn offload_room() -> usize {
 /// Largest frame an offloading TAP hands over: an IPv4 packet of 65535 bytes behind its
 /// Ethernet header (IPv6 without jumbograms is no larger).
 pub const MAX_SUPER_FRAME: usize = 14 + 65535;
-/// Segments per super-frame: the relay sets the TAP's `gso_max_segs` to this, so the kernel
-/// never hands over more.
+/// Segments per super-frame the output room is sized for: the relay sets the TAP's
+/// `gso_max_segs` to this. Super-frames the kernel did not segment itself (forwarded from another
+/// TAP or a VM) may have more; they are cut only if the output buffer has room.
 pub const MAX_SEGMENTS: usize = 64;
 /// Bytes of a read from an offloading TAP: the `virtio_net_hdr`, the largest super-frame, and
 /// one byte more to tell a truncated read.
