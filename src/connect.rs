@@ -130,7 +130,7 @@ pub fn run(opts: &Options) -> Result<(), String> {
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| e.to_string())?;
     poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(|e| e.to_string())?;
-    let mut pool = BufPool::new(Pipe::buffer_size_for(opts.max_frame), 2);
+    let mut pool = BufPool::new(Pipe::buffer_size_for(opts.max_frame, opts.offload), 2);
     let mut backoff = BACKOFF_FIRST;
     let mut ever_connected = false;
     loop {

@@ -53,7 +53,7 @@ const BRIDGE_PORTS: usize = 1023;
 const SPARE_TAPS: usize = 32;
 const SPARE_TTL: Duration = Duration::from_secs(2);
 /// Free buffers kept for reuse.
-const POOL_KEEP: usize = 64;
+const POOL_KEEP_BYTES: usize = 16 << 20;
 
 /// What the event loop needs to know.
 #[derive(Debug, Clone)]
@@ -159,7 +159,8 @@ impl Relay {
         };
         let listener = listener.map(|l| mio_listener(l, LISTENER)).transpose()?;
         let tls_listener = tls_listener.map(|(l, c)| mio_listener(l, LISTENER_TLS).map(|l| (l, c))).transpose()?;
-        let pool = BufPool::new(Pipe::buffer_size_for(settings.max_frame), POOL_KEEP);
+        let size = Pipe::buffer_size_for(settings.max_frame, settings.tap_offload);
+        let pool = BufPool::new(size, (POOL_KEEP_BYTES / size).max(4));
         Ok(Relay {
             poll,
             listener,

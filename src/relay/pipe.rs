@@ -352,10 +352,13 @@ impl Pipe {
         }
     }
 
-    /// Size the pool's buffers must have for frames of up to `max_frame` bytes (with or without
-    /// offload: a staged super-frame needs less than `offload_room`).
-    pub fn buffer_size_for(max_frame: usize) -> usize {
-        (256 << 10).max(2 * tap_read_room(max_frame)).max(2 * offload_room())
+    /// Size of the pool's buffers for frames of up to `max_frame` bytes. With offload they are
+    /// larger: one output buffer then takes the frames of about a dozen super-frames, so the
+    /// socket gets fewer, larger writes (measured: relay CPU per GB toward the client 0.78 s with
+    /// 256 KiB, 0.67 with 512 KiB, 0.61 with 1 MiB).
+    pub fn buffer_size_for(max_frame: usize, offload: bool) -> usize {
+        let base = if offload { 1 << 20 } else { 256 << 10 };
+        base.max(2 * tap_read_room(max_frame)).max(2 * offload_room())
     }
 
     /// Shape both directions to `rate` bytes per second.
