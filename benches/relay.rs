@@ -37,7 +37,9 @@ const TAP_PREFIX: &str = "wsnic";
 fn main() {
     let settings = Settings::from_env();
     topo::clean_up_on_signal();
-    topo::raise_nofile();
+    if let Err(e) = wsnic::sys::raise_nofile_limit() {
+        eprintln!("cannot raise the open-files limit: {e}");
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("the relay benchmark needs root (network namespaces, TAP devices): sudo cargo bench --bench relay");

@@ -109,11 +109,6 @@ fn try_lock(state: &std::path::Path) -> io::Result<Option<std::fs::File>> {
 }
 
 impl Network {
-    /// Netlink handle for per-client work (attaching TAPs).
-    pub fn netlink(&mut self) -> &mut Netlink {
-        &mut self.nl
-    }
-
     pub fn up(cfg: &Config) -> Result<Network, String> {
         let mut nl = Netlink::open().map_err(ctx(|| "netlink".into()))?;
         let state_path = state_path(&cfg.bridge_name).map_err(ctx(|| "network namespace".into()))?;

@@ -16,18 +16,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::test_support::client_frame;
+pub use crate::test_support::enter_netns;
 
 /// IEEE 802 local experimental ethertype: the kernel drops it cheaply.
 pub const ETHERTYPE_BENCH: u16 = 0x88B5;
-
-/// Move the calling thread into the named namespace (`/var/run/netns/NAME`).
-pub fn enter_netns(name: &str) {
-    let path = format!("/var/run/netns/{name}");
-    let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    // SAFETY: setns with a valid namespace fd affects only the calling thread.
-    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(r, 0, "setns {name}: {}", io::Error::last_os_error());
-}
 
 /// The calling thread's kernel id, for `/proc/self/task/TID/stat`.
 pub fn gettid() -> i32 {

@@ -3,13 +3,14 @@
 //! lab's own runs with `-v`, whose debug lines would be part of what is measured), the
 //! `WSNIC_BENCH_*` environment, and clean-up of the namespaces on panic and on Ctrl-C.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use wsnic::sys::parse_mac;
 
 use crate::test_support::lab::Lab;
-use crate::test_support::{Netns, BIN};
+use crate::test_support::{Netns, Wsnic};
 
 /// What the environment asks for.
 #[derive(Clone, Debug)]
@@ -90,20 +91,19 @@ pub fn clean_up_on_signal() {
         if signals.forever().next().is_some() {
             eprintln!("interrupted: removing the benchmark's namespaces");
             let names = LIVE_NAMESPACES.lock().map(|n| n.clone()).unwrap_or_default();
-            for name in &names {
+            let kill_all = |name: &str, sig: &str| {
                 let out = Command::new("ip").args(["netns", "pids", name]).output();
                 let pids = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
                 for pid in pids.split_whitespace() {
-                    let _ = Command::new("kill").args(["-TERM", pid]).status();
+                    let _ = Command::new("kill").args([sig, pid]).status();
                 }
+            };
+            for name in &names {
+                kill_all(name, "-TERM");
             }
             std::thread::sleep(Duration::from_secs(3));
             for name in &names {
-                let out = Command::new("ip").args(["netns", "pids", name]).output();
-                let pids = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-                for pid in pids.split_whitespace() {
-                    let _ = Command::new("kill").args(["-KILL", pid]).status();
-                }
+                kill_all(name, "-KILL");
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
             }
             std::process::exit(130);
@@ -119,71 +119,11 @@ fn untrack(name: &str) {
     LIVE_NAMESPACES.lock().unwrap().retain(|n| n != name);
 }
 
-/// A wsnic relay process in a namespace, at normal verbosity; SIGTERM on drop.
-pub struct RelayProc {
-    child: Child,
-    pub log: PathBuf,
-}
-
-impl RelayProc {
-    pub fn start(ns: &Netns, args: &[String], log: PathBuf) -> RelayProc {
-        let f = std::fs::File::create(&log).unwrap();
-        let child = ns
-            .cmd(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
-        let mut r = RelayProc { child, log };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !r.log_text().contains("listening on") {
-            if let Ok(Some(st)) = r.child.try_wait() {
-                panic!("wsnic did not start ({st}), args {args:?}:\n{}", r.log_text());
-            }
-            assert!(Instant::now() < deadline, "wsnic did not start within 15 s, args {args:?}:\n{}", r.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        r
-    }
-
-    /// The relay's pid (`ip netns exec` execs it).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn log_text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
-    }
-
-    /// Panic with the log if the relay has exited.
-    pub fn assert_running(&mut self) {
-        if let Ok(Some(st)) = self.child.try_wait() {
-            panic!("wsnic exited ({st}):\n{}", self.log_text());
-        }
-    }
-}
-
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(60); // hundreds of TAPs take a while
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
 /// The lab (relay namespace + uplink peer namespace, guests added on demand) with a relay of
 /// our own. Dropped: relay first (SIGTERM, clean exit), then the namespaces.
 pub struct Topo {
-    relay: Option<RelayProc>,
+    /// The relay, at normal verbosity (SIGTERM on drop).
+    relay: Option<Wsnic>,
     pub lab: Lab,
     pub settings: Settings,
 }
@@ -206,10 +146,12 @@ impl Topo {
     pub fn restart_relay(&mut self) {
         drop(self.relay.take());
         let log = self.lab.logs.join("bench-relay.log");
-        self.relay = Some(RelayProc::start(&self.lab.relay, &self.settings.relay_argv(), log));
+        let args = self.settings.relay_argv();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.relay = Some(Wsnic::spawn(&self.lab.relay, &args, log, false));
     }
 
-    pub fn relay(&mut self) -> &mut RelayProc {
+    pub fn relay(&mut self) -> &mut Wsnic {
         self.relay.as_mut().expect("relay running")
     }
 
@@ -226,7 +168,7 @@ impl Topo {
     pub fn bridge_mac(&self) -> [u8; 6] {
         let out = self.lab.relay.exec("cat", &["/sys/class/net/wsnicbr0/address"]);
         let text = String::from_utf8_lossy(&out.stdout);
-        parse_mac(text.trim()).unwrap_or_else(|| panic!("no MAC for wsnicbr0: {text:?}"))
+        parse_mac(text.trim()).unwrap_or_else(|e| panic!("no MAC for wsnicbr0: {e}"))
     }
 
     /// A guest namespace joined by `wsnic connect` (with `WSNIC_BENCH_CONNECT_ARGS`) at
@@ -251,7 +193,7 @@ impl Topo {
             .filter_map(|l| {
                 let w: Vec<&str> = l.split_whitespace().collect();
                 let dev = w.iter().position(|x| *x == "dev").and_then(|p| w.get(p + 1))?;
-                Some((parse_mac(w.first()?)?, dev.to_string()))
+                Some((parse_mac(w.first()?).ok()?, dev.to_string()))
             })
             .collect()
     }
@@ -265,22 +207,5 @@ impl Drop for Topo {
         }
         untrack(&self.lab.relay.name);
         untrack(&self.lab.upl.name);
-    }
-}
-
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let v: Vec<u8> = s.split(':').filter_map(|x| u8::from_str_radix(x, 16).ok()).collect();
-    v.try_into().ok()
-}
-
-/// Raise this process's open-file limit to its hard limit (1000 clients are 1000 sockets).
-pub fn raise_nofile() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: lim is a valid rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
     }
 }

@@ -262,14 +262,6 @@ impl Coalescer {
     }
 }
 
-/// Write `frame` behind a zero vnet header into `stage` and return the length to write: for a
-/// caller without `writev`. Only while the coalescer is empty (it overwrites the stage).
-pub fn stage_alone(stage: &mut [u8], frame: &[u8]) -> usize {
-    stage[..VnetHdr::LEN].copy_from_slice(&ZERO);
-    stage[VnetHdr::LEN..VnetHdr::LEN + frame.len()].copy_from_slice(frame);
-    VnetHdr::LEN + frame.len()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,9 +404,6 @@ mod tests {
         }
         let mut stage = vec![0u8; STAGE_LEN];
         assert_eq!(Coalescer::new().finish(&mut stage), 0);
-        let f = testkit::arp();
-        let n = stage_alone(&mut stage, &f);
-        assert_eq!(&stage[..n], &[&ZERO[..], &f].concat()[..]);
     }
 
     #[test]

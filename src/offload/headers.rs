@@ -5,15 +5,13 @@
 use super::segment::Error;
 use crate::wire::checksum;
 
-pub const ETH_LEN: usize = 14;
-pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub use crate::wire::ethernet::{ETHERTYPE_IPV4, HEADER_LEN as ETH_LEN};
+pub use crate::wire::ipv4::{MIN_HEADER as IPV4_MIN, PROTO_UDP};
+pub use crate::wire::udp::HEADER_LEN as UDP_LEN;
 pub const ETHERTYPE_IPV6: u16 = 0x86dd;
-pub const IPV4_MIN: usize = 20;
 pub const IPV6_LEN: usize = 40;
 pub const TCP_MIN: usize = 20;
-pub const UDP_LEN: usize = 8;
 pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
 /// Largest IP packet (header included) an IPv4 length field can describe; we keep IPv6 to it too.
 pub const MAX_IP_LEN: usize = 65535;
 

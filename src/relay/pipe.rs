@@ -447,6 +447,15 @@ impl Pipe {
         self.outb.as_ref().map_or(usize::MAX, |b| b.len() - self.out_end)
     }
 
+    /// Is there room for `need` bytes behind the queued output, once it is moved to the front
+    /// if that is what it takes? (No output buffer: unlimited room.)
+    fn out_room_for(&mut self, need: usize) -> bool {
+        if self.out_room() < need {
+            self.compact_out();
+        }
+        self.out_room() >= need
+    }
+
     fn compact_out(&mut self) {
         if let Some(outb) = self.outb.as_mut() {
             if self.out_start > 0 {
@@ -625,11 +634,8 @@ impl Pipe {
                 return Ok(false);
             }
             // A control frame may need an answer: keep room for it, or wait for the socket.
-            if self.out_room() < CONTROL_ROOM {
-                self.compact_out();
-                if self.out_room() < CONTROL_ROOM {
-                    return Ok(false);
-                }
+            if !self.out_room_for(CONTROL_ROOM) {
+                return Ok(false);
             }
             let inb = self.inb.get_or_insert_with(|| pool.get());
             let parsed = self.ws.parse(&mut inb[self.in_start..self.in_end]);
@@ -769,87 +775,74 @@ impl Pipe {
             self.stats.drop_runt += 1;
         } else if !self.tap_writable {
             return false;
-        } else if self.tap.has_vnet_hdr() {
+        } else {
+            let vnet = self.tap.has_vnet_hdr();
+            let len = frame.len();
             // Offload: a TCP segment joins the open batch (or closes it and starts the next);
             // anything else closes the batch and goes alone behind a plain header. Order is kept:
             // a batch is always written before the frame after it.
-            let cand = Candidate::parse(frame);
-            let stage = self.stage.get_or_insert_with(|| pool.get());
-            let len = frame.len() as u64;
-            loop {
-                let push = match &cand {
-                    Some(c) => self.gro.push(stage, frame, c),
-                    None if self.gro.is_empty() => Push::Alone,
-                    None => Push::Flush,
+            let alone = !vnet || {
+                let cand = Candidate::parse(frame);
+                let stage = self.stage.get_or_insert_with(|| pool.get());
+                loop {
+                    let push = match &cand {
+                        Some(c) => self.gro.push(stage, frame, c),
+                        None if self.gro.is_empty() => Push::Alone,
+                        None => Push::Flush,
+                    };
+                    match push {
+                        Push::Alone => break true,
+                        // Counted as delivered when the batch is written.
+                        Push::Staged => {
+                            self.batch = (self.batch.0 + 1, self.batch.1 + len as u64);
+                            break false;
+                        }
+                        Push::Full | Push::Flush => {
+                            if push == Push::Full {
+                                self.batch = (self.batch.0 + 1, self.batch.1 + len as u64);
+                            }
+                            self.staged = self.gro.finish(stage);
+                            let mut io = TapIo {
+                                tap: &self.tap,
+                                writable: &mut self.tap_writable,
+                                failed: &mut self.tap_failed,
+                            };
+                            let wrote = io.write(None, &stage[..self.staged]);
+                            batch_written(wrote, &mut self.stats, &mut self.staged, &mut self.batch);
+                            if push == Push::Full {
+                                break false; // the frame is in the batch, which waits for the TAP if it must
+                            }
+                            if wrote == Wrote::Blocked {
+                                return false; // the frame stays stalled behind the batch
+                            }
+                        }
+                    }
+                }
+            };
+            if alone {
+                let mut io = TapIo { tap: &self.tap, writable: &mut self.tap_writable, failed: &mut self.tap_failed };
+                let wrote = match self.stalled {
+                    _ if !vnet => io.write(None, frame), // no header at all
+                    // The bytes before the frame (its WebSocket header, frames already passed
+                    // on) are spent: the plain header goes there, and the frame leaves with one
+                    // write() rather than a writev() of two pieces.
+                    Stalled::InBuf { start, end, .. } if start >= VNET_HDR_LEN => {
+                        let inb = self.inb.as_mut().expect("stalled in it");
+                        inb[start - VNET_HDR_LEN..start].copy_from_slice(&vnet::ZERO);
+                        io.write(None, &inb[start - VNET_HDR_LEN..end])
+                    }
+                    _ => io.write(Some(&vnet::ZERO), frame),
                 };
-                if matches!(push, Push::Staged | Push::Full) {
-                    // Counted as delivered when the batch is written.
-                    self.batch.0 += 1;
-                    self.batch.1 += len;
-                }
-                match push {
-                    Push::Staged => break,
-                    Push::Alone => {
-                        let mut io =
-                            TapIo { tap: &self.tap, writable: &mut self.tap_writable, failed: &mut self.tap_failed };
-                        let wrote = match self.stalled {
-                            // The bytes before the frame (its WebSocket header, frames already
-                            // passed on) are spent: the plain header goes there, and the frame
-                            // leaves with one write() rather than a writev() of two pieces.
-                            Stalled::InBuf { start, end, .. } if start >= VNET_HDR_LEN => {
-                                let inb = self.inb.as_mut().expect("stalled in it");
-                                inb[start - VNET_HDR_LEN..start].copy_from_slice(&vnet::ZERO);
-                                io.write(None, &inb[start - VNET_HDR_LEN..end])
-                            }
-                            _ => io.write(Some(&vnet::ZERO), frame),
-                        };
-                        match wrote {
-                            Wrote::Blocked => return false,
-                            Wrote::Yes => {
-                                self.stats.to_tap_frames += 1;
-                                self.stats.to_tap_bytes += len;
-                            }
-                            Wrote::Refused => self.stats.drop_tap_error += 1,
-                        }
-                        break;
+                match wrote {
+                    Wrote::Blocked => return false,
+                    Wrote::Yes => {
+                        self.stats.to_tap_frames += 1;
+                        self.stats.to_tap_bytes += len as u64;
                     }
-                    Push::Full | Push::Flush => {
-                        self.staged = self.gro.finish(stage);
-                        let mut io =
-                            TapIo { tap: &self.tap, writable: &mut self.tap_writable, failed: &mut self.tap_failed };
-                        let wrote = io.write(None, &stage[..self.staged]);
-                        batch_written(wrote, &mut self.stats, &mut self.staged, &mut self.batch);
-                        if push == Push::Full {
-                            break; // the frame is in the batch, which waits for the TAP if it must
-                        }
-                        if wrote == Wrote::Blocked {
-                            return false; // the frame stays stalled behind the batch
-                        }
-                    }
+                    Wrote::Refused => self.stats.drop_tap_error += 1,
                 }
             }
-            self.spend(0, len as usize);
-        } else {
-            match self.tap.write(frame) {
-                Ok(_) => {
-                    self.stats.to_tap_frames += 1;
-                    self.stats.to_tap_bytes += frame.len() as u64;
-                    let n = frame.len();
-                    self.spend(0, n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.tap_writable = false;
-                    return false;
-                }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EBADFD | libc::EIO | libc::ENODEV | libc::ENXIO)) => {
-                    self.tap_failed = Some(e);
-                    return false;
-                }
-                Err(e) => {
-                    self.stats.drop_tap_error += 1;
-                    log::debug!("{}: {} refused a frame of {} bytes: {e}", self.peer, self.tap.name(), frame.len());
-                }
-            }
+            self.spend(0, len);
         }
         self.in_start += consumed;
         self.stalled = Stalled::None;
@@ -865,19 +858,8 @@ impl Pipe {
             if !self.tap_readable || self.throttled(1, now) {
                 return false;
             }
-            let Some(outb) = self.outb.as_mut() else {
-                return false;
-            };
-            if outb.len() - self.out_end < room {
-                if self.out_start == 0 {
-                    return false; // over the high-water mark: let the kernel queue drop
-                }
-                outb.copy_within(self.out_start..self.out_end, 0);
-                self.out_end -= self.out_start;
-                self.out_start = 0;
-                if outb.len() - self.out_end < room {
-                    return false;
-                }
+            if self.outb.is_none() || !self.out_room_for(room) {
+                return false; // over the high-water mark: let the kernel queue drop
             }
             let scratch = pool.scratch(OFFLOAD_READ);
             let n = match self.tap.read(scratch) {
@@ -900,15 +882,8 @@ impl Pipe {
             // The room checked above fits MAX_SEGMENTS segments. A super-frame the kernel did not
             // hold to `gso_max_segs` (one forwarded from another TAP or a VM) may need more:
             // moving the queued output to the front may make it; otherwise it is dropped.
-            let fits = |p: &segment::Plan, free: usize| p.total_len() + p.count() * MAX_HEADER + CONTROL_ROOM <= free;
             let plan = match plan {
-                Ok(p) if fits(&p, outb.len() - self.out_end) => p,
-                Ok(p) if self.out_start > 0 && fits(&p, outb.len() - (self.out_end - self.out_start)) => {
-                    outb.copy_within(self.out_start..self.out_end, 0);
-                    self.out_end -= self.out_start;
-                    self.out_start = 0;
-                    p
-                }
+                Ok(p) if self.out_room_for(p.total_len() + p.count() * MAX_HEADER + CONTROL_ROOM) => p,
                 r => {
                     self.stats.drop_offload += 1;
                     log::debug!("{}: {} handed over a frame of {n} bytes not cut: {r:?}", self.peer, self.tap.name());
@@ -916,6 +891,7 @@ impl Pipe {
                 }
             };
             let frame = &scratch[VNET_HDR_LEN..n];
+            let outb = self.outb.as_mut().expect("checked above");
             for i in 0..plan.count() {
                 let len = plan.seg_len(i);
                 if len > self.max_frame {
@@ -952,21 +928,11 @@ impl Pipe {
             if !self.tap_readable || self.throttled(1, now) {
                 return false; // throttled: the TAP's queue fills and drops, the guest's TCP slows
             }
-            let mask = self.mask_key();
-            let Some(outb) = self.outb.as_mut() else {
-                return false;
-            };
-            if outb.len() - self.out_end < need {
-                if self.out_start == 0 {
-                    return false; // over the high-water mark: let the kernel queue drop
-                }
-                outb.copy_within(self.out_start..self.out_end, 0);
-                self.out_end -= self.out_start;
-                self.out_start = 0;
-                if outb.len() - self.out_end < need {
-                    return false;
-                }
+            if self.outb.is_none() || !self.out_room_for(need) {
+                return false; // over the high-water mark: let the kernel queue drop
             }
+            let mask = self.mask_key();
+            let outb = self.outb.as_mut().expect("checked above");
             let base = self.out_end;
             match self.tap.read(&mut outb[base + guess..base + guess + self.max_frame + 1]) {
                 Ok(n) if n > self.max_frame => self.stats.drop_oversize += 1,

@@ -2,15 +2,15 @@
 //! spares for the next clients, and deletes the rest in batches.
 //!
 //! Closing a TAP's file descriptor unregisters its network device, and the kernel waits for
-//! an RCU grace period before it returns: about 17 ms per device on a small VM. Creating one
-//! and attaching it to the bridge costs about 0.45 ms more. On the event loop that would stall
-//! every other client for each disconnect and cap the connection rate near 60/s. Instead the
-//! loop hands a finished client's TAP (already out of its poll set) to the reaper thread, which
-//! sets it down (the bridge forgets the MACs learned on it; nothing more is queued to it) and
-//! reads what was still queued, then either keeps it as a spare — still a port of the bridge,
-//! down — or deletes it. Deletion is batched: each TAP is put in a device group of its own, the
-//! whole group goes with one `RTM_DELLINK` (one grace period for the batch), and only then are
-//! the descriptors closed, which is now cheap.
+//! an RCU grace period before it returns: 16–20 ms per device on a small VM
+//! (`benches/tap_cost.py`). Creating one and attaching it to the bridge costs about 0.3 ms
+//! more. On the event loop that would stall every other client for each disconnect and cap the
+//! connection rate near 55/s. Instead the loop hands a finished client's TAP (already out of
+//! its poll set) to the reaper thread, which sets it down (the bridge forgets the MACs learned
+//! on it; nothing more is queued to it) and reads what was still queued, then either keeps it
+//! as a spare — still a port of the bridge, down — or deletes it. Deletion is batched: each TAP
+//! is put in a device group of its own, the whole group goes with one `RTM_DELLINK` (one grace
+//! period for the batch), and only then are the descriptors closed, which is now cheap.
 //!
 //! A new client takes a spare if there is one (the loop only sets it up again), so a burst of
 //! reconnections costs neither creation nor deletion. Spares are bounded ([`Reaper::start`]'s

@@ -5,7 +5,7 @@
 //!
 //! The device is not persistent: the kernel removes it when the file descriptor closes, so a
 //! crashed wsnic leaves no TAP behind. Register the fd with the event loop only after
-//! [`Tap::create`] returns — the original wsnic registered it before `TUNSETIFF` and so never
+//! [`Tap::open`] returns — the original wsnic registered it before `TUNSETIFF` and so never
 //! saw frames for a client that had not spoken yet.
 
 use std::ffi::CStr;
@@ -43,12 +43,7 @@ struct IfReq {
 }
 
 impl Tap {
-    /// Create a TAP device named `pattern` (`wsnic%d`: the kernel picks the number).
-    pub fn create(pattern: &str) -> io::Result<Tap> {
-        Tap::open(pattern, false)
-    }
-
-    /// Create a TAP device; with `offload`, frames carry a `virtio_net_hdr` and the kernel may
+    /// Create a TAP device named `pattern` (`wsnic%d`: the kernel picks the number); with `offload`, frames carry a `virtio_net_hdr` and the kernel may
     /// hand over (and accept) TCP and UDP super-frames with partial checksums.
     pub fn open(pattern: &str, offload: bool) -> io::Result<Tap> {
         if pattern.len() >= libc::IFNAMSIZ {

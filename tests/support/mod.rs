@@ -115,16 +115,9 @@ impl Netns {
 
     /// Run `f` on a thread that has entered this namespace; sockets it opens live here.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
+        let name = self.name.clone();
         std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            assert_eq!(
-                unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns: {}",
-                std::io::Error::last_os_error()
-            );
+            enter_netns(&name);
             f()
         })
         .join()
@@ -195,12 +188,18 @@ impl Wsnic {
         Self::start_logging(ns, args, log)
     }
 
+    /// Start `wsnic -v ARGS` in `ns`, its log appended to `log`, and wait until it listens.
     pub fn start_logging(ns: &Netns, args: &[&str], log: PathBuf) -> Wsnic {
+        Self::spawn(ns, args, log, true)
+    }
+
+    /// Like [`Wsnic::start_logging`]; `verbose`: with `-v` (debug lines).
+    pub fn spawn(ns: &Netns, args: &[&str], log: PathBuf, verbose: bool) -> Wsnic {
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let log_start = f.metadata().unwrap().len() as usize;
         let child = ns
             .cmd(BIN)
-            .args(["-v"])
+            .args(verbose.then_some("-v"))
             .args(args)
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
@@ -231,6 +230,13 @@ impl Wsnic {
             }
             assert!(Instant::now() < deadline, "no {needle:?} in wsnic's log:\n{text}");
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Panic with the log if the server has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            panic!("wsnic exited ({st}):\n{}", self.log_text());
         }
     }
 
@@ -280,6 +286,15 @@ impl Drop for Wsnic {
         }
         let _ = self.child.wait();
     }
+}
+
+/// Move the calling thread into network namespace `name` (`/var/run/netns/NAME`).
+pub fn enter_netns(name: &str) {
+    let path = format!("/var/run/netns/{name}");
+    let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // SAFETY: setns with a valid namespace fd affects only the calling thread.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns {name}: {}", std::io::Error::last_os_error());
 }
 
 /// Poll `f` until it is true or `timeout` passes.
