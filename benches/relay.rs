@@ -6,7 +6,8 @@
 //!   (f) relay CPU-seconds per million frames and per GB;
 //! - (b) iperf3 TCP through a `wsnic connect` guest and NAT, both directions;
 //! - (c) the round-trip time the relay adds (ping through the relay vs over a plain veth);
-//! - (d) connection setup: connections/s one at a time and 16 at once, connect-to-first-frame;
+//! - (d) connection setup: connections/s one at a time and 16 at once (also with 500 idle clients
+//!   attached), connect-to-first-frame;
 //! - (e) relay memory per idle connection at 100 and 1000 clients.
 //!
 //! Every figure is the median of `WSNIC_BENCH_RUNS` (5) runs of `WSNIC_BENCH_SECS` (2) s, with
@@ -398,9 +399,16 @@ fn connection_setup(s: &Settings, rows: &mut Vec<Row>) {
     let anchor = loadgen::connect_clients(&ns, 0xff_0000, 1, move |mac| bench_frame(bridge, mac, 64));
     wait_for_taps(&mut t, 1);
     for threads in [1usize, 16] {
-        rows.push(connect_rate(&mut t, s, threads));
+        rows.push(connect_rate(&mut t, s, threads, 1));
     }
     rows.push(first_frame_latency(&mut t, s));
+    // The same with many clients attached: what a port coming up or going down costs the
+    // kernel may grow with the number of ports on the bridge.
+    let idle =
+        loadgen::connect_clients(&ns, 0xfe_0000, IDLE_ATTACHED as u32 - 1, move |mac| bench_frame(bridge, mac, 64));
+    wait_for_taps(&mut t, IDLE_ATTACHED);
+    rows.push(connect_rate(&mut t, s, 16, IDLE_ATTACHED));
+    drop(idle);
     drop(anchor);
 }
 
@@ -411,8 +419,12 @@ fn fresh_mac() -> [u8; 6] {
     client_mac(NEXT_MAC.fetch_add(1, SEQ) as u32)
 }
 
-/// `threads` threads connect, handshake and close in a loop; connections per second.
-fn connect_rate(t: &mut Topo, s: &Settings, threads: usize) -> Row {
+/// Clients kept connected (idle) during the last connection-rate case of (d).
+const IDLE_ATTACHED: usize = 500;
+
+/// `threads` threads connect, handshake and close in a loop while `attached` clients stay
+/// connected; connections per second.
+fn connect_rate(t: &mut Topo, s: &Settings, threads: usize, attached: usize) -> Row {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
@@ -448,11 +460,14 @@ fn connect_rate(t: &mut Topo, s: &Settings, threads: usize) -> Row {
     }
     let blocked = sampler.finish();
     drop(workers);
-    wait_for_taps(t, 1);
+    wait_for_taps(t, attached);
     let rate = median(&runs.iter().map(|r| r.0 as f64 / r.2.wall).collect::<Vec<_>>());
     let per_conn = median(&runs.iter().map(|r| r.2.secs_of("relay") / r.0.max(1) as f64).collect::<Vec<_>>());
     let uses: Vec<CpuUse> = runs.iter().map(|r| r.2.clone()).collect();
-    let what = if threads == 1 { "1 at a time".to_string() } else { format!("{threads} at once") };
+    let mut what = if threads == 1 { "1 at a time".to_string() } else { format!("{threads} at once") };
+    if attached > 1 {
+        what += &format!(", {attached} idle clients attached");
+    }
     let mut row = Row::new("d", format!("connect + handshake + close, {what}"));
     row.result = format!("{:.0} conn/s", rate);
     row.cost = format!("{:.3} ms /conn", per_conn * 1e3);

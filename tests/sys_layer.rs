@@ -78,6 +78,8 @@ fn bridge_lifecycle() {
         assert_eq!(nl.link_index("wsbr-t").unwrap(), Some(br));
         assert_eq!(nl.link_name(br).unwrap().as_deref(), Some("wsbr-t"));
         assert!(nl.link_is_bridge(br).unwrap());
+        let details = run(&["ip", "-d", "-j", "link", "show", "dev", "wsbr-t"]);
+        assert!(details.contains(r#""mcast_snooping":0"#), "multicast snooping is on: {details}");
         let lo = nl.link_index("lo").unwrap().unwrap();
         assert!(!nl.link_is_bridge(lo).unwrap());
         let err = nl.create_bridge("wsbr-t").unwrap_err();

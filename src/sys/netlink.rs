@@ -14,7 +14,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoKind, InfoPortData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkProtoInfoBridge,
+    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    LinkProtoInfoBridge,
 };
 use netlink_packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -86,13 +87,22 @@ impl Netlink {
         }))
     }
 
-    /// Create a (down) bridge called `name`; fails with `EEXIST` if a link of
-    /// that name already exists. Returns the new link's index.
+    /// Create a (down) bridge called `name`, without multicast snooping; fails with
+    /// `EEXIST` if a link of that name already exists. Returns the new link's index.
+    ///
+    /// Snooping only forwards a group to the ports that joined it once a querier is
+    /// heard, and wsnic's bridge has none, so it floods multicast either way; but with
+    /// snooping on, every port that comes up or goes down makes the kernel walk every
+    /// other port of the bridge (`br_port_state_selection` → `br_multicast_enable_port`)
+    /// under the RTNL lock, a cost that grows with the number of clients.
     pub fn create_bridge(&mut self, name: &str) -> io::Result<u32> {
         check_ifname(name)?;
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
-        msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Bridge),
+            LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::MulticastSnooping(false)])),
+        ]));
         self.ack(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)?;
         self.link_index(name)?.ok_or_else(|| io::Error::other(format!("bridge {name} vanished right after creation")))
     }
