@@ -14,7 +14,8 @@
 //! the CPU use of the relay and of each load process (a load process at ~100% means the figure
 //! measures the load, not the relay). `WSNIC_BENCH_ONLY=a,c` runs some sections;
 //! `WSNIC_BENCH_RELAY_ARGS` / `WSNIC_BENCH_CONNECT_ARGS` add arguments to the relay / to
-//! `wsnic connect` (split on whitespace).
+//! `wsnic connect` (split on whitespace). `WSNIC_BENCH_UPLINK_NAPI=1` runs the uplink peer's
+//! receive in a NAPI thread of its own instead of in the relay's system calls (section b).
 
 #[path = "../tests/support/mod.rs"]
 mod test_support;
@@ -60,9 +61,10 @@ fn main() {
         }
     }
     let title = format!(
-        "wsnic relay benchmark (`cargo bench --bench relay`): relay args `{}`; connect args `{}`; median of {} runs × {} s; {:.0} s in all",
+        "wsnic relay benchmark (`cargo bench --bench relay`): relay args `{}`; connect args `{}`; {}; median of {} runs × {} s; {:.0} s in all",
         settings.relay_argv().join(" "),
         settings.connect_args.join(" "),
+        settings.uplink_note(),
         settings.runs,
         settings.secs,
         started.elapsed().as_secs_f64()

@@ -27,6 +27,9 @@ pub struct Settings {
     pub relay_args: Vec<String>,
     /// Extra `wsnic connect` arguments (`WSNIC_BENCH_CONNECT_ARGS`).
     pub connect_args: Vec<String>,
+    /// `WSNIC_BENCH_UPLINK_NAPI=1`: the uplink peer receives in a NAPI thread of its own
+    /// (see [`Topo::new`]).
+    pub uplink_napi: bool,
 }
 
 impl Settings {
@@ -51,6 +54,16 @@ impl Settings {
             filter,
             relay_args: words("WSNIC_BENCH_RELAY_ARGS"),
             connect_args: words("WSNIC_BENCH_CONNECT_ARGS"),
+            uplink_napi: var("WSNIC_BENCH_UPLINK_NAPI").is_some_and(|v| v != "0"),
+        }
+    }
+
+    /// How the uplink's far end receives, for the table's title.
+    pub fn uplink_note(&self) -> &'static str {
+        if self.uplink_napi {
+            "uplink peer receives in a NAPI thread of its own (GRO on, TSO off on uplink0)"
+        } else {
+            "uplink peer receives in the sender's system call (veth default)"
         }
     }
 
@@ -119,6 +132,28 @@ fn untrack(name: &str) {
     LIVE_NAMESPACES.lock().unwrap().retain(|n| n != name);
 }
 
+/// A veth delivers what the relay forwards to the uplink in the relay's own system call: the far
+/// side's IP and TCP receive (the iperf3 server's, in section b) run in the relay's TAP write and
+/// are charged to it, which a real uplink NIC would not do. This moves that work to a kernel
+/// thread of its own, as the `others` column then shows: GRO on the peer makes veth use NAPI,
+/// `threaded` runs that NAPI in a thread, and veth only hands frames to NAPI when the sending end
+/// has TSO off. TSO off costs nothing for frames of MTU size, but super-frames (TAP offload) are
+/// then cut at uplink0 in the relay's context, so this suits runs without offload.
+fn uplink_peer_in_own_thread(lab: &Lab) {
+    let run = |ns: &Netns, prog: &str, args: &[&str]| {
+        let out = ns.exec(prog, args);
+        assert!(
+            out.status.success(),
+            "WSNIC_BENCH_UPLINK_NAPI: `{prog} {}` failed (is ethtool installed?): {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&lab.upl, "ethtool", &["-K", "peer0", "gro", "on"]);
+    run(&lab.relay, "ethtool", &["-K", "uplink0", "tso", "off"]);
+    run(&lab.upl, "sh", &["-c", "echo 1 > /sys/class/net/peer0/threaded"]);
+}
+
 /// The lab (relay namespace + uplink peer namespace, guests added on demand) with a relay of
 /// our own. Dropped: relay first (SIGTERM, clean exit), then the namespaces.
 pub struct Topo {
@@ -133,6 +168,9 @@ impl Topo {
         let mut lab = Lab::new(&[]);
         track(&lab.relay);
         track(&lab.upl);
+        if settings.uplink_napi {
+            uplink_peer_in_own_thread(&lab);
+        }
         // The lab starts its relay with -v; replace it by one at normal verbosity.
         if let Some(w) = lab.wsnic.take() {
             w.stop();
