@@ -74,7 +74,8 @@ fn handshakes_accepted_and_refused() {
     let up = ns.ip(&["-o", "link", "show", "wsnic0"]);
     assert!(up.contains(",UP"), "{up}");
     // No IPv6 of the host's own on the port: no DAD, MLD or router solicitation to the client.
-    assert_eq!(ns.sysctl("net.ipv6.conf.wsnic0.disable_ipv6"), "1");
+    let details = ns.ip(&["-d", "link", "show", "wsnic0"]);
+    assert!(details.contains("addrgenmode none"), "{details}");
     let v6 = ns.ip(&["-6", "addr", "show", "dev", "wsnic0"]);
     assert!(!v6.contains("inet6"), "{v6}");
     g.ws.close(None).unwrap();

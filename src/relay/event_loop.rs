@@ -566,15 +566,12 @@ impl Relay {
     fn set_up_new(&self, t: &Tap, netlink: &mut Netlink) -> io::Result<()> {
         // A bridge port needs no IPv6 of its own. Left on, every TAP going up would get a
         // link-local address, and the host would send DAD, MLD and router solicitations from it
-        // straight to the client (and spend a kernel worker on it per connection).
-        match crate::sys::sysctl::write(&format!("net/ipv6/conf/{}/disable_ipv6", t.name()), "1") {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        if t.has_vnet_hdr() {
-            // Before it is up: no super-frame with more segments than a pipe cuts.
-            netlink.set_gso_max_segs(t.index(), super::pipe::MAX_SEGMENTS as u32)?;
-        }
+        // straight to the client (and spend a kernel worker on it per connection). Netlink, not
+        // the `disable_ipv6` sysctl: that write retries in a loop while another thread (the
+        // reaper) holds the RTNL lock, where netlink sleeps. Before it is up, with offload, also
+        // no super-frame with more segments than a pipe cuts.
+        let segs = t.has_vnet_hdr().then_some(super::pipe::MAX_SEGMENTS as u32);
+        netlink.prepare_port(t.index(), segs)?;
         if self.settings.isolation {
             // Isolated before it is up: no frame crosses without isolation.
             netlink.attach_isolated_up(t.index(), self.bridge_index)?;

@@ -14,8 +14,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-    LinkProtoInfoBridge,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData,
+    LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkProtoInfoBridge,
 };
 use netlink_packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -135,6 +135,33 @@ impl Netlink {
         let mut msg = link_msg(index);
         msg.attributes.push(LinkAttribute::GsoMaxSegs(segs));
         self.ack(RouteNetlinkMessage::NewLink(msg), 0)
+    }
+
+    /// Prepare link `index`, still down, to be a bridge port, in one request: no IPv6 address
+    /// of its own (IPv6 address generation mode "none", as `ip link set … addrgenmode none`,
+    /// so that going up gives it no link-local address and the host sends no DAD, MLD or
+    /// router solicitation from it), and, if given, at most `gso_max_segs` segments per GSO
+    /// super-frame the kernel hands it (larger ones it segments in software first). On a
+    /// kernel without IPv6 only the segment limit is set.
+    pub fn prepare_port(&mut self, index: u32, gso_max_segs: Option<u32>) -> io::Result<()> {
+        let msg = |no_ipv6: bool| {
+            let mut msg = link_msg(index);
+            if no_ipv6 {
+                let mode = AfSpecInet6::AddrGenMode(In6AddrGenMode::None);
+                msg.attributes.push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![mode])]));
+            }
+            if let Some(segs) = gso_max_segs {
+                msg.attributes.push(LinkAttribute::GsoMaxSegs(segs));
+            }
+            msg
+        };
+        match self.ack(RouteNetlinkMessage::NewLink(msg(true)), 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) && gso_max_segs.is_some() => {
+                self.ack(RouteNetlinkMessage::NewLink(msg(false)), 0)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => Ok(()),
+            other => other,
+        }
     }
 
     /// Set link `index` administratively up.
