@@ -28,7 +28,7 @@ pub struct Settings {
     /// Extra `wsnic connect` arguments (`WSNIC_BENCH_CONNECT_ARGS`).
     pub connect_args: Vec<String>,
     /// `WSNIC_BENCH_UPLINK_NAPI=1`: the uplink peer receives in a NAPI thread of its own
-    /// (see [`Topo::new`]).
+    /// (see `uplink_peer_in_own_thread`).
     pub uplink_napi: bool,
 }
 
