@@ -819,6 +819,29 @@ struct Client<'a> {
     key: &'a [u8],
 }
 
+/// For tests here and in the relay: 192.168.2.0/24 served from 192.168.2.1 (also the router
+/// and first DNS server), the whole subnet as pool, one-hour leases.
+#[cfg(test)]
+impl ServerConfig {
+    pub(crate) fn for_tests() -> ServerConfig {
+        let server = Ipv4Addr::new(192, 168, 2, 1);
+        ServerConfig {
+            server_ip: server,
+            subnet: "192.168.2.0/24".parse().unwrap(),
+            router: server,
+            dns: vec![server, Ipv4Addr::new(9, 9, 9, 9)],
+            domain_name: Some("vm.test".into()),
+            mtu: Some(1500),
+            lease_time: 3600,
+            range: None,
+            reservations: vec![],
+            grace: 300,
+            quarantine: 600,
+            offer_timeout: 60,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -839,20 +862,7 @@ mod tests {
     }
 
     fn cfg() -> ServerConfig {
-        ServerConfig {
-            server_ip: SERVER,
-            subnet: "192.168.2.0/24".parse().unwrap(),
-            router: SERVER,
-            dns: vec![Ipv4Addr::new(192, 168, 2, 1), Ipv4Addr::new(9, 9, 9, 9)],
-            domain_name: Some("vm.test".into()),
-            mtu: Some(1500),
-            lease_time: 3600,
-            range: None,
-            reservations: vec![],
-            grace: 300,
-            quarantine: 600,
-            offer_timeout: 60,
-        }
+        ServerConfig::for_tests()
     }
 
     fn server() -> Server {

@@ -384,21 +384,7 @@ mod tests {
         let mut wakers: Vec<mio::Waker> =
             polls.iter().map(|p| mio::Waker::new(p.registry(), mio::Token(0)).unwrap()).collect();
         let main = wakers.pop().unwrap();
-        let server = Server::new(ServerConfig {
-            server_ip: GW,
-            subnet: "192.168.2.0/24".parse().unwrap(),
-            router: GW,
-            dns: vec![],
-            domain_name: None,
-            mtu: None,
-            lease_time: 3600,
-            range: None,
-            reservations: vec![],
-            grace: 300,
-            quarantine: 600,
-            offer_timeout: 60,
-        })
-        .unwrap();
+        let server = Server::new(ServerConfig::for_tests()).unwrap();
         (Arc::new(Shared::new(Some(server), None, wakers, main)), polls)
     }
 
