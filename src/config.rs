@@ -148,6 +148,8 @@ pub struct Config {
     pub max_frame_size: usize,
     /// Open TAPs with IFF_VNET_HDR and TCP/UDP segmentation offload.
     pub tap_offload: bool,
+    /// Open TAPs with IFF_NAPI; a busy client's TAP gets a kernel thread (threaded NAPI).
+    pub tap_threads: bool,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -200,6 +202,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "nat",
     "max_frame_size",
     "tap_offload",
+    "tap_threads",
     "client_isolation",
     "egress_policy",
     "egress_allow",
@@ -268,6 +271,11 @@ pub const KEYS: &[Key] = &[
         name: "tap_offload",
         default: "false",
         help: "TAP offload: the kernel hands TCP/UDP super-frames to wsnic, which cuts them into real frames for the client and merges a client's TCP segments (fewer system calls)",
+    },
+    Key {
+        name: "tap_threads",
+        default: "true",
+        help: "a busy client's TAP (over 1000 frames/s from the client) gets a kernel thread of its own (threaded NAPI): the kernel's work on its frames (bridge, firewall, NAT, merging TCP segments) runs beside the event loop instead of inside it",
     },
     Key { name: "ping_interval", default: "30s", help: "a client silent this long gets a WebSocket PING" },
     Key {
@@ -409,6 +417,7 @@ impl Default for Config {
             nat: false,
             max_frame_size: 0,
             tap_offload: false,
+            tap_threads: true,
             ping_interval: Duration::ZERO,
             idle_timeout: Duration::ZERO,
             handshake_timeout: Duration::ZERO,
@@ -526,6 +535,7 @@ impl Config {
                 self.max_frame_size = n;
             }
             "tap_offload" => self.tap_offload = parse_bool(v)?,
+            "tap_threads" => self.tap_threads = parse_bool(v)?,
             "ping_interval" => self.ping_interval = parse_duration(v)?,
             "idle_timeout" => self.idle_timeout = parse_duration(v)?,
             "handshake_timeout" => self.handshake_timeout = parse_duration(v)?,
@@ -769,6 +779,7 @@ impl Config {
             "nat" => format!("{:?}", self.nat),
             "max_frame_size" => format!("{:?}", self.max_frame_size),
             "tap_offload" => format!("{:?}", self.tap_offload),
+            "tap_threads" => format!("{:?}", self.tap_threads),
             "client_isolation" => format!("{:?}", self.client_isolation),
             "egress_policy" => format!("{:?}", self.egress_policy),
             "egress_allow" => format!("{:?}", self.egress_allow),
@@ -805,6 +816,7 @@ impl Config {
             ("rate_limit", self.rate_limit.map_or("none".into(), |r| format!("{} kbit/s", r * 8 / 1000))),
             ("max_frame_size", self.max_frame_size.to_string()),
             ("tap_offload", on(self.tap_offload)),
+            ("tap_threads", on(self.tap_threads)),
             ("workers", self.worker_count().to_string()),
         ]
     }

@@ -117,7 +117,7 @@ enum End {
 pub fn run(opts: &Options) -> Result<(), String> {
     let target = parse_url(&opts.url)?;
     let mut tap =
-        Tap::open(&opts.tap, opts.offload).map_err(|e| format!("cannot create TAP device {}: {e}", opts.tap))?;
+        Tap::open(&opts.tap, opts.offload, false).map_err(|e| format!("cannot create TAP device {}: {e}", opts.tap))?;
     let mac = opts.mac.unwrap_or_else(|| stable_mac(tap.name()));
     let mut nl = Netlink::open().map_err(|e| format!("netlink: {e}"))?;
     if tap.has_vnet_hdr() {

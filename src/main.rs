@@ -272,6 +272,7 @@ fn settings_of(cfg: &Config) -> Settings {
         tap_pattern: format!("{}%d", cfg.tap_prefix),
         max_frame: cfg.max_frame_size,
         tap_offload: cfg.tap_offload,
+        tap_threads: cfg.tap_threads,
         ping_interval: cfg.ping_interval,
         idle_timeout: cfg.idle_timeout,
         handshake_timeout: cfg.handshake_timeout,

@@ -522,3 +522,73 @@ fn a_spare_tap_is_reused_clean_and_then_removed() {
     drop(flood);
     assert!(eventually(10 * SEC, || ns.bridge_ports("wsnicbr0").is_empty()), "{:?}", ns.bridge_ports("wsnicbr0"));
 }
+
+/// `tun_flags` and `threaded` of TAP `tap`, as the kernel shows them in `ns`'s sysfs.
+fn napi_state(ns: &Netns, tap: &str) -> (bool, String) {
+    let read = |f: &str| {
+        let out = ns.exec("cat", &[&format!("/sys/class/net/{tap}/{f}")]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let flags = read("tun_flags");
+    let flags =
+        u32::from_str_radix(flags.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("tun_flags {flags:?}"));
+    (flags & 0x10 != 0, read("threaded"))
+}
+
+/// `burst` frames of 1400 bytes from `g` to `dst` (the gateway's MAC: the host drops them, and
+/// no other client sees them), of an EtherType the host does not know.
+fn flood(g: &mut Guest, dst: [u8; 6], burst: usize) {
+    let mut f = vec![0u8; 1400];
+    f[..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&g.mac);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    let chunk: Vec<u8> = client_frame(2, &f).repeat(100);
+    for _ in 0..burst / 100 {
+        g.ws.get_mut().write_all(&chunk).unwrap();
+    }
+}
+
+#[test]
+fn a_busy_clients_tap_gets_a_kernel_thread() {
+    let ns = Netns::new("napi");
+    let mut w = Wsnic::start(&ns, &[]);
+    let mut busy = Guest::connect(&ns, mac(61), ip(61));
+    w.wait_log("connected on wsnic0", 5 * SEC);
+    let mut quiet = Guest::connect(&ns, mac(62), ip(62));
+    w.wait_log("connected on wsnic1", 5 * SEC);
+    // Both TAPs have a NAPI context; neither has a thread of its own yet.
+    for tap in ["wsnic0", "wsnic1"] {
+        assert_eq!(napi_state(&ns, tap), (true, "0".to_string()), "{tap}");
+    }
+    // The quiet client talks a little; the busy one sends 5000 frames at once.
+    let gw_mac = quiet.arp(GW);
+    flood(&mut busy, gw_mac, 5000);
+    assert!(
+        eventually(10 * SEC, || napi_state(&ns, "wsnic0").1 == "1"),
+        "the busy client's TAP got no kernel thread: {:?}",
+        napi_state(&ns, "wsnic0")
+    );
+    assert_eq!(napi_state(&ns, "wsnic1"), (true, "0".to_string()), "the quiet client's TAP got a thread");
+    // Frames still go both ways through the threaded TAP and the other one.
+    for (g, seq) in [(&mut busy, 1), (&mut quiet, 2)] {
+        g.send(frames::icmp_echo(8, g.mac, gw_mac, g.ip, GW, 11, seq, b"napi"));
+        let (gi, want) = (g.ip, seq);
+        assert!(g.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((GW, gi, 0, 11, want))).is_some(), "{gi}");
+    }
+    w.assert_running();
+}
+
+#[test]
+fn tap_threads_false_keeps_every_frame_in_the_event_loop() {
+    let ns = Netns::new("nonapi");
+    let mut w = Wsnic::start(&ns, &["--tap-threads", "false"]);
+    let mut busy = Guest::connect(&ns, mac(63), ip(63));
+    w.wait_log("connected on wsnic0", 5 * SEC);
+    let gw_mac = busy.arp(GW);
+    flood(&mut busy, gw_mac, 5000);
+    // Two ticks of the event loop later, still no NAPI context and no thread.
+    std::thread::sleep(2 * SEC);
+    assert_eq!(napi_state(&ns, "wsnic0"), (false, "0".to_string()));
+    busy.send(frames::icmp_echo(8, busy.mac, gw_mac, busy.ip, GW, 12, 1, b"no napi"));
+    assert!(busy.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((GW, ip(63), 0, 12, 1))).is_some());
+}

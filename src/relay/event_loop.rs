@@ -47,6 +47,10 @@ const TAKEOVER_SILENCE: Duration = Duration::from_secs(5);
 /// How long a closing connection may take to flush its last frames.
 const LINGER: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_secs(1);
+/// A client that sends its TAP this many frames between two ticks is busy: its TAP gets a
+/// kernel thread (`tap_threads`). An interactive client stays well under it, and keeps the
+/// lower latency of having the kernel handle its frames inside the event loop's `write()`.
+const BUSY_FRAMES_PER_TICK: u64 = 1000;
 /// Ports a Linux bridge holds (BR_MAX_PORTS less one).
 const BRIDGE_PORTS: usize = 1023;
 /// TAPs of finished clients kept (down, on the bridge) for new clients, at most, and how long.
@@ -63,6 +67,8 @@ pub struct Settings {
     pub max_frame: usize,
     /// TAPs with `IFF_VNET_HDR` and TCP/UDP segmentation offload.
     pub tap_offload: bool,
+    /// TAPs with a NAPI context, which gets a kernel thread once its client is busy.
+    pub tap_threads: bool,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -550,7 +556,7 @@ impl Relay {
                 }
             }
         }
-        let t = Tap::open(&self.settings.tap_pattern, self.settings.tap_offload)?;
+        let t = Tap::open(&self.settings.tap_pattern, self.settings.tap_offload, self.settings.tap_threads)?;
         match self.set_up_new(&t, netlink) {
             Ok(()) => Ok(t),
             Err(e) => {
@@ -797,8 +803,15 @@ impl Relay {
                         }
                     } else if let Some(e) = c.tick(now, s.ping_interval, s.idle_timeout, &mut self.pool) {
                         self.end(i, e, now);
-                    } else if c.pending_output() > 0 {
-                        self.schedule(i);
+                    } else {
+                        if c.tap.could_have_thread() && c.to_tap_since_tick() >= BUSY_FRAMES_PER_TICK {
+                            if let Some(r) = &self.reaper {
+                                r.threaded(&mut c.tap);
+                            }
+                        }
+                        if c.pending_output() > 0 {
+                            self.schedule(i);
+                        }
                     }
                 }
                 _ => {}
@@ -827,6 +840,7 @@ impl Relay {
             tap_pattern: self.settings.tap_pattern.clone(),
             max_frame: self.settings.max_frame,
             tap_offload: self.settings.tap_offload,
+            tap_threads: self.settings.tap_threads,
             isolation: self.settings.isolation,
             ..s
         };

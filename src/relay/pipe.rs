@@ -300,6 +300,8 @@ pub struct Pipe {
     batch: (u64, u64),
     last_heard: Instant,
     ping_sent: bool,
+    /// `stats.to_tap_frames` at the last [`Pipe::to_tap_since_tick`].
+    to_tap_at_tick: u64,
 }
 
 impl Pipe {
@@ -349,6 +351,7 @@ impl Pipe {
             batch: (0, 0),
             last_heard: now,
             ping_sent: false,
+            to_tap_at_tick: 0,
         }
     }
 
@@ -538,6 +541,13 @@ impl Pipe {
             }
         }
         None
+    }
+
+    /// Frames sent to the TAP since the last call (the event loop calls it once a tick).
+    pub fn to_tap_since_tick(&mut self) -> u64 {
+        let n = self.stats.to_tap_frames - self.to_tap_at_tick;
+        self.to_tap_at_tick = self.stats.to_tap_frames;
+        n
     }
 
     /// One pass over both directions.

@@ -1,5 +1,7 @@
 //! Takes finished clients' TAP devices off the event loop's thread: keeps a few briefly as
-//! spares for the next clients, and deletes the rest in batches.
+//! spares for the next clients, and deletes the rest in batches. Also gives a busy client's
+//! TAP its kernel thread ([`Reaper::threaded`]): that write spins on a lock the reaper itself
+//! holds most often, so it is made here rather than on the event loop.
 //!
 //! Closing a TAP's file descriptor unregisters its network device, and the kernel waits for
 //! an RCU grace period before it returns: 16–20 ms per device on a small VM
@@ -22,18 +24,26 @@
 //! bridge.
 
 use std::io;
+use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::sys::netlink::Netlink;
-use crate::sys::tap::Tap;
+use crate::sys::tap::{self, Tap};
 
 /// Most TAPs deleted in one batch.
 const BATCH: usize = 1024;
 
+/// What the event loop hands the reaper's thread, in order: a TAP's thread request always
+/// comes before that TAP is reaped, so it never names a device already deleted.
+enum Job {
+    Reap(Tap),
+    Thread { name: String, index: u32, mac: [u8; 6] },
+}
+
 pub struct Reaper {
-    tx: Option<mpsc::Sender<Tap>>,
+    tx: Option<mpsc::Sender<Job>>,
     spares: Arc<Mutex<Vec<(Tap, Instant)>>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -49,20 +59,21 @@ impl Reaper {
     pub fn start(bridge: u32, keep: usize, ttl: Duration) -> io::Result<Reaper> {
         let mut nl = Netlink::open()?;
         let group = group_for(bridge);
-        let (tx, rx) = mpsc::channel::<Tap>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let spares: Arc<Mutex<Vec<(Tap, Instant)>>> = Arc::default();
         let kept = Arc::clone(&spares);
         let thread = std::thread::Builder::new().name("wsnic-reaper".into()).spawn(move || {
             let mut batch = Vec::with_capacity(BATCH);
             let mut doomed = Vec::new();
+            let mut threads = Threads::default();
             loop {
                 let wait = if kept.lock().expect("spares").is_empty() { Duration::from_secs(3600) } else { ttl / 2 };
                 let open = match rx.recv_timeout(wait) {
-                    Ok(t) => {
-                        batch.push(t);
+                    Ok(job) => {
+                        threads.take(job, &mut batch);
                         while batch.len() < BATCH {
                             match rx.try_recv() {
-                                Ok(t) => batch.push(t),
+                                Ok(job) => threads.take(job, &mut batch),
                                 Err(_) => break,
                             }
                         }
@@ -110,7 +121,16 @@ impl Reaper {
     pub fn reap(&self, tap: Tap) {
         if let Some(tx) = &self.tx {
             // The thread only stops when `tx` is dropped; if it died, the TAP closes here.
-            let _ = tx.send(tap);
+            let _ = tx.send(Job::Reap(tap));
+        }
+    }
+
+    /// Ask for `tap`'s NAPI context to run in a kernel thread of its own (see `sys::tap`), and
+    /// note it on `tap`; never blocks.
+    pub fn threaded(&self, tap: &mut Tap) {
+        tap.mark_threaded();
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Job::Thread { name: tap.name().to_string(), index: tap.index(), mac: tap.mac() });
         }
     }
 
@@ -120,6 +140,33 @@ impl Reaper {
         self.spares.lock().expect("spares").pop().map(|(t, _)| t)
     }
 }
+
+/// The thread requests: carried out at once, until one shows that `/sys` cannot do it here.
+#[derive(Default)]
+struct Threads {
+    unavailable: bool,
+}
+
+impl Threads {
+    /// Do `job` if it is a thread request; queue it on `batch` if it is a TAP to reap.
+    fn take(&mut self, job: Job, batch: &mut Vec<Tap>) {
+        match job {
+            Job::Reap(t) => batch.push(t),
+            Job::Thread { .. } if self.unavailable => {}
+            Job::Thread { name, index, mac } => match tap::set_threaded(Path::new(SYS_CLASS_NET), &name, index, mac) {
+                Ok(()) => log::debug!("{name}: NAPI in a kernel thread of its own"),
+                Err(e) => {
+                    // No sysfs of this namespace, or a kernel without threaded NAPI: the
+                    // kernel's work stays in the event loop's write(), as before.
+                    log::info!("busy clients' TAPs get no kernel thread of their own ({name}: {e})");
+                    self.unavailable = true;
+                }
+            },
+        }
+    }
+}
+
+const SYS_CLASS_NET: &str = "/sys/class/net";
 
 /// Read and discard what the kernel queued on `tap` before it went down.
 fn drain(tap: &Tap) {

@@ -3,6 +3,14 @@
 //! preceded by a 10-byte `virtio_net_hdr` (see `offload::vnet`), and the kernel may hand over
 //! TCP/UDP super-frames.
 //!
+//! With `napi` (the relay's TAPs), also `IFF_NAPI`: a written frame is queued to the device's
+//! NAPI context instead of being pushed through the bridge, the firewall and NAT inside the
+//! `write()`. Until [`set_threaded`] gives that context a kernel thread it runs at once, in the
+//! writer's own softirq, as without it; afterwards the kernel thread does that work, next to
+//! the writer, on batches it can merge (GRO). What the kernel holds of written frames is then
+//! bounded by the send buffer (`TUNSETSNDBUF`, [`NAPI_SNDBUF`]): over it, `write()` returns
+//! `WouldBlock` and the fd turns writable again when the thread has caught up.
+//!
 //! The device is not persistent: the kernel removes it when the file descriptor closes, so a
 //! crashed wsnic leaves no TAP behind. Register the fd with the event loop only after
 //! [`Tap::open`] returns — the original wsnic registered it before `TUNSETIFF` and so never
@@ -13,6 +21,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 
 use crate::offload::vnet::{VnetHdr, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_USO4, TUN_F_USO6};
 
@@ -22,6 +31,12 @@ const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_NAPI: libc::c_short = 0x0010;
+const TUNSETSNDBUF: libc::c_ulong = 0x4004_54d4;
+const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
+/// Send buffer of a TAP with a NAPI context: at most this many bytes (kernel accounting, about
+/// 400 full-size frames) written and not yet processed by the kernel.
+pub const NAPI_SNDBUF: libc::c_int = 1 << 20;
 /// Length of the `virtio_net_hdr` in front of every frame of an offloading TAP.
 pub const VNET_HDR_LEN: usize = VnetHdr::LEN;
 
@@ -33,19 +48,26 @@ pub struct Tap {
     index: u32,
     /// Frames carry a `virtio_net_hdr` (offload on).
     vnet: bool,
+    /// Opened with `IFF_NAPI`: [`set_threaded`] can give it a kernel thread.
+    napi: bool,
+    /// [`Tap::mark_threaded`] was called: a kernel thread was asked for.
+    threaded: bool,
+    mac: [u8; 6],
 }
 
 #[repr(C)]
 struct IfReq {
     name: [u8; libc::IFNAMSIZ],
     flags: libc::c_short,
-    _pad: [u8; 22],
+    rest: [u8; 22],
 }
 
 impl Tap {
-    /// Create a TAP device named `pattern` (`wsnic%d`: the kernel picks the number); with `offload`, frames carry a `virtio_net_hdr` and the kernel may
-    /// hand over (and accept) TCP and UDP super-frames with partial checksums.
-    pub fn open(pattern: &str, offload: bool) -> io::Result<Tap> {
+    /// Create a TAP device named `pattern` (`wsnic%d`: the kernel picks the number); with
+    /// `offload`, frames carry a `virtio_net_hdr` and the kernel may hand over (and accept) TCP
+    /// and UDP super-frames with partial checksums; with `napi`, the device gets a NAPI context
+    /// (see the module doc) if the kernel allows it (Linux 4.15, `CAP_NET_ADMIN`).
+    pub fn open(pattern: &str, offload: bool, napi: bool) -> io::Result<Tap> {
         if pattern.len() >= libc::IFNAMSIZ {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
         }
@@ -56,11 +78,28 @@ impl Tap {
             .open("/dev/net/tun")
             .map_err(|e| io::Error::new(e.kind(), format!("/dev/net/tun: {e}")))?;
         let flags = IFF_TAP | IFF_NO_PI | if offload { IFF_VNET_HDR } else { 0 };
-        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags, _pad: [0; 22] };
-        req.name[..pattern.len()].copy_from_slice(pattern.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out (40 bytes).
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            return Err(io::Error::last_os_error());
+        let set_iff = |flags: libc::c_short| -> io::Result<IfReq> {
+            let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags, rest: [0; 22] };
+            req.name[..pattern.len()].copy_from_slice(pattern.as_bytes());
+            // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out (40 bytes).
+            if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(req)
+        };
+        let (req, napi) = match napi.then(|| set_iff(flags | IFF_NAPI)) {
+            Some(Ok(req)) => (req, true),
+            // An older kernel (EINVAL) or no CAP_NET_ADMIN (EPERM): without the NAPI context.
+            Some(Err(e)) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM)) => (set_iff(flags)?, false),
+            Some(Err(e)) => return Err(e),
+            None => (set_iff(flags)?, false),
+        };
+        if napi {
+            let size = NAPI_SNDBUF;
+            // SAFETY: TUNSETSNDBUF reads an int from the pointer given.
+            if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETSNDBUF, &size) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
         if offload {
             let fd = file.as_raw_fd();
@@ -88,7 +127,15 @@ impl Tap {
         if index == 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Tap { fd: file.into(), name, index, vnet: offload })
+        let mut hw = IfReq { name: req.name, flags: 0, rest: [0; 22] };
+        // SAFETY: SIOCGIFHWADDR on a tun fd fills a struct ifreq: after the name, a sockaddr
+        // whose family (2 bytes) is followed by the address; IfReq has room for it.
+        if unsafe { libc::ioctl(file.as_raw_fd(), SIOCGIFHWADDR, &mut hw) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&hw.rest[..6]);
+        Ok(Tap { fd: file.into(), name, index, vnet: offload, napi, threaded: false, mac })
     }
 
     pub fn name(&self) -> &str {
@@ -102,6 +149,21 @@ impl Tap {
     /// Do frames carry a `virtio_net_hdr` (offload on)?
     pub fn has_vnet_hdr(&self) -> bool {
         self.vnet
+    }
+
+    /// The device's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Has the device a NAPI context that has no kernel thread yet asked for?
+    pub fn could_have_thread(&self) -> bool {
+        self.napi && !self.threaded
+    }
+
+    /// Note that a kernel thread was asked for (it stays with the device, spares included).
+    pub fn mark_threaded(&mut self) {
+        self.threaded = true;
     }
 
     /// Read one frame (non-blocking).
@@ -145,5 +207,65 @@ impl Tap {
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// Give the NAPI context of the TAP `name` (ifindex `index`, MAC `mac`) a kernel thread of its
+/// own, through `<sys_class_net>/<name>/threaded` (Linux 5.12). `/sys/class/net` lists the
+/// devices of the network namespace sysfs was mounted in, which need not be this process's:
+/// the device found there must have our ifindex and our MAC, or nothing is written.
+///
+/// The kernel only try-locks RTNL for this write and restarts the system call until it gets
+/// the lock, so call it on a thread where that wait costs no client anything.
+pub fn set_threaded(sys_class_net: &Path, name: &str, index: u32, mac: [u8; 6]) -> io::Result<()> {
+    let dir = sys_class_net.join(name);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).map(|s| s.trim().to_string());
+    if read("ifindex")? != index.to_string() || read("address")? != super::format_mac(&mac) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} is another network namespace's {name}", dir.display()),
+        ));
+    }
+    std::fs::write(dir.join("threaded"), "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// A directory laid out like `/sys/class/net` with one device.
+    fn fake_sysfs(tag: &str, name: &str, index: &str, address: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("wsnic-sysfs-{}-{tag}", std::process::id()));
+        let dev = root.join(name);
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("ifindex"), format!("{index}\n")).unwrap();
+        std::fs::write(dev.join("address"), format!("{address}\n")).unwrap();
+        std::fs::write(dev.join("threaded"), "0\n").unwrap();
+        root
+    }
+
+    const MAC: [u8; 6] = [0x02, 0xab, 0x00, 0x01, 0x02, 0xff];
+
+    #[test]
+    fn threaded_is_written_for_our_device() {
+        let root = fake_sysfs("ours", "wsnic3", "17", "02:ab:00:01:02:ff");
+        set_threaded(&root, "wsnic3", 17, MAC).unwrap();
+        assert_eq!(std::fs::read_to_string(root.join("wsnic3/threaded")).unwrap(), "1");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn another_namespaces_device_is_left_alone() {
+        for (tag, index, address) in [("idx", "18", "02:ab:00:01:02:ff"), ("mac", "17", "02:ab:00:01:02:fe")] {
+            let root = fake_sysfs(tag, "wsnic3", index, address);
+            let e = set_threaded(&root, "wsnic3", 17, MAC).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+            assert_eq!(std::fs::read_to_string(root.join("wsnic3/threaded")).unwrap(), "0\n");
+            std::fs::remove_dir_all(root).unwrap();
+        }
+        let root = fake_sysfs("none", "wsnic4", "17", "02:ab:00:01:02:ff");
+        assert_eq!(set_threaded(&root, "wsnic3", 17, MAC).unwrap_err().kind(), io::ErrorKind::NotFound);
+        std::fs::remove_dir_all(root).unwrap();
     }
 }
