@@ -599,3 +599,59 @@ fn egress_policy_and_isolation_traffic() {
         assert!(c1.reaches("192.168.2.1") && c1.reaches("198.51.100.1"));
     });
 }
+
+/// A TAP with a NAPI thread and a nearly full send buffer: `write` returns `WouldBlock` while the
+/// thread is behind, and then the fd turns writable (an edge-triggered epoll wake-up) — every
+/// time. `tun` loses that wake-up unless the file is polled after the failed write, which
+/// `Tap::write` does; without it this test stalls at the first `WouldBlock`.
+#[test]
+fn a_napi_tap_with_a_full_send_buffer_wakes_its_writer() {
+    use mio::{unix::SourceFd, Events, Interest, Poll, Token};
+    use wsnic::sys::tap::Tap;
+    in_netns(|| {
+        let mut nl = Netlink::open().unwrap();
+        bridge_with_addr(&mut nl, "tbr0", "10.77.0.1/24");
+        let tap = Tap::open("tnapi%d", false, true).unwrap();
+        let name = tap.name().to_string();
+        run(&["ip", "link", "set", &name, "master", "tbr0", "up"]);
+        // The thread: through a sysfs of this namespace, mounted by a child of its own.
+        let script = format!("mount -t sysfs sysfs /sys && echo 1 > /sys/class/net/{name}/threaded");
+        run(&["unshare", "-m", "sh", "-c", &script]);
+        // Room for about five small frames in flight.
+        tap.set_send_buffer(4096).unwrap();
+        let mut poll = Poll::new().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&tap);
+        poll.registry().register(&mut SourceFd(&fd), Token(0), Interest::WRITABLE).unwrap();
+        let mut events = Events::with_capacity(4);
+        // Broadcast, of an EtherType nobody handles: the bridge takes it and the host drops it.
+        let mut frame = [0u8; 64];
+        frame[..6].fill(0xff);
+        frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+        frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+        let (mut sent, mut blocked) = (0u64, 0u64);
+        while sent < 20_000 {
+            match tap.write(&frame) {
+                Ok(_) => sent += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    blocked += 1;
+                    poll.poll(&mut events, Some(Duration::from_secs(5))).unwrap();
+                    assert!(!events.is_empty(), "no wake-up within 5 s after {sent} frames ({blocked} waits)");
+                }
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        assert!(blocked > 0, "the send buffer never filled, so nothing was tested");
+        let rx = || {
+            let j = run(&["ip", "-s", "-j", "link", "show", &name]);
+            j.split("\"rx\":{\"bytes\":")
+                .nth(1)
+                .and_then(|r| r.split("\"packets\":").nth(1))
+                .map(|p| p.split([',', '}']).next().unwrap().parse::<u64>().unwrap())
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rx() != Some(sent) && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(rx(), Some(sent), "frames written but never taken by the kernel ({blocked} waits)");
+    });
+}

@@ -95,11 +95,7 @@ impl Tap {
             None => (set_iff(flags)?, false),
         };
         if napi {
-            let size = NAPI_SNDBUF;
-            // SAFETY: TUNSETSNDBUF reads an int from the pointer given.
-            if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETSNDBUF, &size) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            set_send_buffer(file.as_raw_fd(), NAPI_SNDBUF)?;
         }
         if offload {
             let fd = file.as_raw_fd();
@@ -166,6 +162,41 @@ impl Tap {
         self.threaded = true;
     }
 
+    /// Bound what the kernel holds of frames written and not yet processed to `bytes` (kernel
+    /// accounting, `TUNSETSNDBUF`); the default is unbounded.
+    pub fn set_send_buffer(&self, bytes: libc::c_int) -> io::Result<()> {
+        set_send_buffer(self.fd.as_raw_fd(), bytes)
+    }
+
+    /// `write` (one system call) until it does not fail with `WouldBlock` while the TAP polls
+    /// writable. `tun` wakes an edge-triggered waiter (epoll `EPOLLOUT`) only if the file was
+    /// polled while its send buffer was full — the poll sets the flag its wake-up checks — so a
+    /// `WouldBlock` returned from here has been polled and the edge will come; without that poll
+    /// the wake-up is lost and the TAP is never written again. (A TAP's send buffer only fills
+    /// with a NAPI thread that is behind: see the module doc.)
+    fn retrying(&self, write: impl Fn() -> libc::ssize_t) -> io::Result<usize> {
+        let mut tries = 0;
+        loop {
+            let n = write();
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::WouldBlock || tries == 8 || !self.poll_writable() {
+                return Err(e);
+            }
+            tries += 1;
+        }
+    }
+
+    /// Can the TAP take a frame now? (A zero-timeout `poll`.)
+    fn poll_writable(&self) -> bool {
+        let mut p = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        // SAFETY: one valid pollfd; a zero timeout never blocks.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n == 1 && p.revents & libc::POLLOUT != 0
+    }
+
     /// Read one frame (non-blocking).
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: buf is valid for buf.len() bytes of writes.
@@ -177,30 +208,21 @@ impl Tap {
         }
     }
 
-    /// Write one frame (non-blocking); a TAP takes a frame whole or not at all.
+    /// Write one frame (non-blocking); a TAP takes a frame whole or not at all. `WouldBlock`
+    /// means: wait for the fd to turn writable (see [`Tap::retrying`]).
     pub fn write(&self, frame: &[u8]) -> io::Result<usize> {
         // SAFETY: frame is valid for frame.len() bytes of reads.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        self.retrying(|| unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) })
     }
 
-    /// Write one frame behind its `virtio_net_hdr` in one system call (offload on).
+    /// Write one frame behind its `virtio_net_hdr`, both in one `writev` (offload on).
     pub fn write_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> io::Result<usize> {
         let iov = [
             libc::iovec { iov_base: hdr.as_ptr() as *mut libc::c_void, iov_len: hdr.len() },
             libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() },
         ];
         // SAFETY: both iovecs point at live buffers of the given lengths, only read by writev.
-        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        self.retrying(|| unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) })
     }
 }
 
@@ -208,6 +230,14 @@ impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+}
+
+fn set_send_buffer(fd: RawFd, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: TUNSETSNDBUF reads an int from the pointer given.
+    if unsafe { libc::ioctl(fd, TUNSETSNDBUF, &bytes) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Give the NAPI context of the TAP `name` (ifindex `index`, MAC `mac`) a kernel thread of its
