@@ -275,7 +275,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "tap_threads",
         default: "true",
-        help: "a busy client's TAP (over 1000 frames/s from the client) gets a kernel thread of its own (threaded NAPI): the kernel's work on its frames (bridge, firewall, NAT, merging TCP segments) runs beside the event loop instead of inside it",
+        help: "a busy client's TAP (1000 frames/s or more from the client) gets a kernel thread of its own (threaded NAPI): the kernel's work on its frames (bridge, firewall, NAT, merging TCP segments) runs beside the event loop instead of inside it",
     },
     Key { name: "ping_interval", default: "30s", help: "a client silent this long gets a WebSocket PING" },
     Key {

@@ -575,6 +575,16 @@ fn a_busy_clients_tap_gets_a_kernel_thread() {
         let (gi, want) = (g.ip, seq);
         assert!(g.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((GW, gi, 0, 11, want))).is_some(), "{gi}");
     }
+    // A TAP with a thread is not kept as a spare: the next client gets one without.
+    drop(busy);
+    w.wait_log("on wsnic0 disconnected", 5 * SEC);
+    std::thread::sleep(Duration::from_millis(200));
+    let _next = Guest::connect(&ns, mac(64), ip(64));
+    assert!(eventually(5 * SEC, || w.log_text().matches("connected on wsnic").count() == 3), "{}", w.log_text());
+    let log = w.log_text();
+    let tap = log.rsplit("connected on ").next().unwrap().split_whitespace().next().unwrap().to_string();
+    assert_ne!(tap, "wsnic1", "{log}");
+    assert_eq!(napi_state(&ns, &tap), (true, "0".to_string()), "{tap} came with a thread:\n{log}");
     w.assert_running();
 }
 

@@ -556,7 +556,9 @@ impl Relay {
                 }
             }
         }
-        let t = Tap::open(&self.settings.tap_pattern, self.settings.tap_offload, self.settings.tap_threads)?;
+        // A NAPI context only where a busy client's TAP can get a thread: it costs time without.
+        let napi = self.settings.tap_threads && self.reaper.as_ref().is_some_and(Reaper::threads_available);
+        let t = Tap::open(&self.settings.tap_pattern, self.settings.tap_offload, napi)?;
         match self.set_up_new(&t, netlink) {
             Ok(()) => Ok(t),
             Err(e) => {

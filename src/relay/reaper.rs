@@ -1,7 +1,9 @@
 //! Takes finished clients' TAP devices off the event loop's thread: keeps a few briefly as
 //! spares for the next clients, and deletes the rest in batches. Also gives a busy client's
-//! TAP its kernel thread ([`Reaper::threaded`]): that write spins on a lock the reaper itself
-//! holds most often, so it is made here rather than on the event loop.
+//! TAP its kernel thread ([`Reaper::threaded`]): that takes the RTNL lock, which the reaper
+//! itself holds most often, once by spinning, so it is done here rather than on the event loop.
+//! A TAP with a thread is never kept as a spare: the next client may be an interactive one,
+//! better served without it.
 //!
 //! Closing a TAP's file descriptor unregisters its network device, and the kernel waits for
 //! an RCU grace period before it returns: 16–20 ms per device on a small VM
@@ -25,12 +27,13 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::sys::netlink::Netlink;
-use crate::sys::tap::{self, Tap};
+use crate::sys::tap::{Tap, TapHandle};
 
 /// Most TAPs deleted in one batch.
 const BATCH: usize = 1024;
@@ -39,11 +42,13 @@ const BATCH: usize = 1024;
 /// comes before that TAP is reaped, so it never names a device already deleted.
 enum Job {
     Reap(Tap),
-    Thread { name: String, index: u32, mac: [u8; 6] },
+    Thread(TapHandle),
 }
 
 pub struct Reaper {
     tx: Option<mpsc::Sender<Job>>,
+    /// False once a thread request has shown that this host cannot give TAPs threads.
+    threads_available: Arc<AtomicBool>,
     spares: Arc<Mutex<Vec<(Tap, Instant)>>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -62,10 +67,11 @@ impl Reaper {
         let (tx, rx) = mpsc::channel::<Job>();
         let spares: Arc<Mutex<Vec<(Tap, Instant)>>> = Arc::default();
         let kept = Arc::clone(&spares);
+        let threads_available = Arc::new(AtomicBool::new(true));
+        let mut threads = Threads { available: Arc::clone(&threads_available) };
         let thread = std::thread::Builder::new().name("wsnic-reaper".into()).spawn(move || {
             let mut batch = Vec::with_capacity(BATCH);
             let mut doomed = Vec::new();
-            let mut threads = Threads::default();
             loop {
                 let wait = if kept.lock().expect("spares").is_empty() { Duration::from_secs(3600) } else { ttl / 2 };
                 let open = match rx.recv_timeout(wait) {
@@ -91,7 +97,7 @@ impl Reaper {
                     }
                     drain(&t);
                     let mut s = kept.lock().expect("spares");
-                    if open && s.len() < keep {
+                    if open && s.len() < keep && !t.is_threaded() {
                         s.push((t, now));
                     } else {
                         doomed.push(t);
@@ -114,7 +120,7 @@ impl Reaper {
                 }
             }
         })?;
-        Ok(Reaper { tx: Some(tx), spares, thread: Some(thread) })
+        Ok(Reaper { tx: Some(tx), threads_available, spares, thread: Some(thread) })
     }
 
     /// Queue `tap` (out of every poll set) to be kept as a spare or removed; never blocks.
@@ -129,9 +135,19 @@ impl Reaper {
     /// note it on `tap`; never blocks.
     pub fn threaded(&self, tap: &mut Tap) {
         tap.mark_threaded();
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Job::Thread { name: tap.name().to_string(), index: tap.index(), mac: tap.mac() });
+        match (&self.tx, tap.handle()) {
+            (Some(tx), Ok(h)) => {
+                let _ = tx.send(Job::Thread(h));
+            }
+            (_, Err(e)) => log::debug!("{}: no second descriptor for its thread: {e}", tap.name()),
+            (None, _) => {}
         }
+    }
+
+    /// Can TAPs get kernel threads here? True until a request has shown otherwise; new TAPs
+    /// are then opened without a NAPI context, which would only cost them time.
+    pub fn threads_available(&self) -> bool {
+        self.threads_available.load(Ordering::Relaxed)
     }
 
     /// A spare TAP: a port of the bridge, down, nothing queued. The newest first (it has the
@@ -141,27 +157,35 @@ impl Reaper {
     }
 }
 
-/// The thread requests: carried out at once, until one shows that `/sys` cannot do it here.
-#[derive(Default)]
+/// The thread requests: carried out at once, until one shows that this host cannot do it.
 struct Threads {
-    unavailable: bool,
+    available: Arc<AtomicBool>,
 }
 
 impl Threads {
     /// Do `job` if it is a thread request; queue it on `batch` if it is a TAP to reap.
     fn take(&mut self, job: Job, batch: &mut Vec<Tap>) {
-        match job {
-            Job::Reap(t) => batch.push(t),
-            Job::Thread { .. } if self.unavailable => {}
-            Job::Thread { name, index, mac } => match tap::set_threaded(Path::new(SYS_CLASS_NET), &name, index, mac) {
-                Ok(()) => log::debug!("{name}: NAPI in a kernel thread of its own"),
-                Err(e) => {
-                    // No sysfs of this namespace, or a kernel without threaded NAPI: the
-                    // kernel's work stays in the event loop's write(), as before.
-                    log::info!("busy clients' TAPs get no kernel thread of their own ({name}: {e})");
-                    self.unavailable = true;
-                }
-            },
+        let h = match job {
+            Job::Reap(t) => return batch.push(t),
+            Job::Thread(_) if !self.available.load(Ordering::Relaxed) => return,
+            Job::Thread(h) => h,
+        };
+        match h.give_thread(Path::new(SYS_CLASS_NET)) {
+            Ok(()) => log::debug!("{}: NAPI in a kernel thread of its own", h.name()),
+            // No sysfs of this namespace (or another namespace's), a read-only one, or a
+            // kernel without threaded NAPI (before 5.12) or IFF_NAPI (before 4.15): for good.
+            // The kernel's work then stays in the event loop's write(), as before.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP | libc::EACCES | libc::EPERM | libc::EROFS)
+                    ) =>
+            {
+                log::info!("busy clients' TAPs get no kernel thread of their own ({}: {e})", h.name());
+                self.available.store(false, Ordering::Relaxed);
+            }
+            Err(e) => log::warn!("{}: no kernel thread for its TAP: {e}", h.name()),
         }
     }
 }

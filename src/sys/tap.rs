@@ -3,13 +3,15 @@
 //! preceded by a 10-byte `virtio_net_hdr` (see `offload::vnet`), and the kernel may hand over
 //! TCP/UDP super-frames.
 //!
-//! With `napi` (the relay's TAPs), also `IFF_NAPI`: a written frame is queued to the device's
-//! NAPI context instead of being pushed through the bridge, the firewall and NAT inside the
-//! `write()`. Until [`set_threaded`] gives that context a kernel thread it runs at once, in the
-//! writer's own softirq, as without it; afterwards the kernel thread does that work, next to
-//! the writer, on batches it can merge (GRO). What the kernel holds of written frames is then
-//! bounded by the send buffer (`TUNSETSNDBUF`, [`NAPI_SNDBUF`]): over it, `write()` returns
-//! `WouldBlock` and the fd turns writable again when the thread has caught up.
+//! With `napi` (the relay's TAPs), also `IFF_NAPI` (Linux 4.15; older kernels ignore the flag):
+//! a written frame is queued to the device's NAPI context instead of being pushed through the
+//! bridge, the firewall and NAT inside the `write()`. Until [`TapHandle::give_thread`] gives that
+//! context a kernel thread it runs at once, in the writer's own softirq, as without it;
+//! afterwards the kernel thread does that work, next to the writer, on batches it can merge
+//! (GRO). What the kernel holds of written frames is then bounded by the send buffer, which
+//! `give_thread` sets ([`NAPI_SNDBUF`]; it is unlimited before, which also keeps `tun`'s faster
+//! allocation path): over it, `write()` returns `WouldBlock` and the fd turns writable again
+//! when the thread has caught up.
 //!
 //! The device is not persistent: the kernel removes it when the file descriptor closes, so a
 //! crashed wsnic leaves no TAP behind. Register the fd with the event loop only after
@@ -48,11 +50,19 @@ pub struct Tap {
     index: u32,
     /// Frames carry a `virtio_net_hdr` (offload on).
     vnet: bool,
-    /// Opened with `IFF_NAPI`: [`set_threaded`] can give it a kernel thread.
+    /// Opened with `IFF_NAPI`: [`TapHandle::give_thread`] can give it a kernel thread.
     napi: bool,
     /// [`Tap::mark_threaded`] was called: a kernel thread was asked for.
     threaded: bool,
-    mac: [u8; 6],
+}
+
+/// A second descriptor of a [`Tap`], for another thread to change the device's settings (the
+/// device lives while either is open).
+#[derive(Debug)]
+pub struct TapHandle {
+    fd: OwnedFd,
+    name: String,
+    index: u32,
 }
 
 #[repr(C)]
@@ -66,7 +76,7 @@ impl Tap {
     /// Create a TAP device named `pattern` (`wsnic%d`: the kernel picks the number); with
     /// `offload`, frames carry a `virtio_net_hdr` and the kernel may hand over (and accept) TCP
     /// and UDP super-frames with partial checksums; with `napi`, the device gets a NAPI context
-    /// (see the module doc) if the kernel allows it (Linux 4.15, `CAP_NET_ADMIN`).
+    /// (see the module doc).
     pub fn open(pattern: &str, offload: bool, napi: bool) -> io::Result<Tap> {
         if pattern.len() >= libc::IFNAMSIZ {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
@@ -77,25 +87,12 @@ impl Tap {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
             .map_err(|e| io::Error::new(e.kind(), format!("/dev/net/tun: {e}")))?;
-        let flags = IFF_TAP | IFF_NO_PI | if offload { IFF_VNET_HDR } else { 0 };
-        let set_iff = |flags: libc::c_short| -> io::Result<IfReq> {
-            let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags, rest: [0; 22] };
-            req.name[..pattern.len()].copy_from_slice(pattern.as_bytes());
-            // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out (40 bytes).
-            if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(req)
-        };
-        let (req, napi) = match napi.then(|| set_iff(flags | IFF_NAPI)) {
-            Some(Ok(req)) => (req, true),
-            // An older kernel (EINVAL) or no CAP_NET_ADMIN (EPERM): without the NAPI context.
-            Some(Err(e)) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM)) => (set_iff(flags)?, false),
-            Some(Err(e)) => return Err(e),
-            None => (set_iff(flags)?, false),
-        };
-        if napi {
-            set_send_buffer(file.as_raw_fd(), NAPI_SNDBUF)?;
+        let flags = IFF_TAP | IFF_NO_PI | if offload { IFF_VNET_HDR } else { 0 } | if napi { IFF_NAPI } else { 0 };
+        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags, rest: [0; 22] };
+        req.name[..pattern.len()].copy_from_slice(pattern.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out (40 bytes).
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
         }
         if offload {
             let fd = file.as_raw_fd();
@@ -123,15 +120,7 @@ impl Tap {
         if index == 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut hw = IfReq { name: req.name, flags: 0, rest: [0; 22] };
-        // SAFETY: SIOCGIFHWADDR on a tun fd fills a struct ifreq: after the name, a sockaddr
-        // whose family (2 bytes) is followed by the address; IfReq has room for it.
-        if unsafe { libc::ioctl(file.as_raw_fd(), SIOCGIFHWADDR, &mut hw) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(&hw.rest[..6]);
-        Ok(Tap { fd: file.into(), name, index, vnet: offload, napi, threaded: false, mac })
+        Ok(Tap { fd: file.into(), name, index, vnet: offload, napi, threaded: false })
     }
 
     pub fn name(&self) -> &str {
@@ -147,19 +136,24 @@ impl Tap {
         self.vnet
     }
 
-    /// The device's MAC address.
-    pub fn mac(&self) -> [u8; 6] {
-        self.mac
-    }
-
     /// Has the device a NAPI context that has no kernel thread yet asked for?
     pub fn could_have_thread(&self) -> bool {
         self.napi && !self.threaded
     }
 
-    /// Note that a kernel thread was asked for (it stays with the device, spares included).
+    /// Note that a kernel thread was asked for.
     pub fn mark_threaded(&mut self) {
         self.threaded = true;
+    }
+
+    /// Was a kernel thread asked for ([`Tap::mark_threaded`])?
+    pub fn is_threaded(&self) -> bool {
+        self.threaded
+    }
+
+    /// A second descriptor of this TAP (see [`TapHandle`]).
+    pub fn handle(&self) -> io::Result<TapHandle> {
+        Ok(TapHandle { fd: self.fd.try_clone()?, name: self.name.clone(), index: self.index })
     }
 
     /// Bound what the kernel holds of frames written and not yet processed to `bytes` (kernel
@@ -182,10 +176,16 @@ impl Tap {
                 return Ok(n as usize);
             }
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock || tries == 8 || !self.poll_writable() {
+            if e.kind() != io::ErrorKind::WouldBlock || !self.poll_writable() {
                 return Err(e);
             }
+            // Writable means under half the send buffer, so the next write has room; should
+            // that ever not hold, the frame is refused (and counted) rather than stalling the
+            // TAP on a wake-up that will not come or spinning here.
             tries += 1;
+            if tries == 8 {
+                return Err(io::Error::other("the TAP polls writable but refuses the frame"));
+            }
         }
     }
 
@@ -229,6 +229,28 @@ impl Tap {
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl TapHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Give the TAP's NAPI context a kernel thread of its own through `<sys_class_net>/<name>`
+    /// ([`set_threaded`]), then bound its send buffer to [`NAPI_SNDBUF`] (see the module doc).
+    /// Both take the RTNL lock, the first by spinning: call it where waiting costs no client.
+    pub fn give_thread(&self, sys_class_net: &Path) -> io::Result<()> {
+        let mut hw = IfReq { name: [0; libc::IFNAMSIZ], flags: 0, rest: [0; 22] };
+        // SAFETY: SIOCGIFHWADDR on a tun fd fills a struct ifreq: after the name, a sockaddr
+        // whose family (2 bytes, where IfReq has `flags`) is followed by the address.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), SIOCGIFHWADDR, &mut hw) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&hw.rest[..6]);
+        set_threaded(sys_class_net, &self.name, self.index, mac)?;
+        set_send_buffer(self.fd.as_raw_fd(), NAPI_SNDBUF)
     }
 }
 
