@@ -19,6 +19,19 @@ fn ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(192, 168, 2, last)
 }
 
+/// `count` frames of 1400 bytes from `g` to `dst`, of a local experimental EtherType (the
+/// host drops them), written in bursts of 100 without reading anything back.
+fn flood(g: &mut Guest, dst: [u8; 6], count: usize) {
+    let mut f = vec![0u8; 1400];
+    f[..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&g.mac);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    let burst: Vec<u8> = client_frame(2, &f).repeat(100);
+    for _ in 0..count / 100 {
+        g.ws.get_mut().write_all(&burst).unwrap();
+    }
+}
+
 fn http(ns: &Netns, request: &[u8]) -> String {
     let mut s = ns.tcp("127.0.0.1:8070");
     s.set_read_timeout(Some(5 * SEC)).unwrap();
@@ -260,24 +273,12 @@ fn slow_reader_does_not_grow_memory() {
     let ns = Netns::new("slow");
     let w = Wsnic::start(&ns, &[]);
     let sleeper = support::raw_ws(&ns);
-    let mut flood = Guest::connect(&ns, mac(41), ip(41));
-    let frame = {
-        let mut f = vec![0u8; 1400];
-        f[..6].copy_from_slice(&mac(40)); // the sleeper's MAC: unknown to the bridge, so flooded to it
-        f[6..12].copy_from_slice(&mac(41));
-        f[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental EtherType
-        client_frame(2, &f)
-    };
-    let burst: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 100).collect();
-    let send = |n: usize, flood: &mut Guest| {
-        for _ in 0..n / 100 {
-            flood.ws.get_mut().write_all(&burst).unwrap();
-        }
-    };
-    send(20_000, &mut flood); // warm up: buffers allocated, socket buffers full
+    let mut g = Guest::connect(&ns, mac(41), ip(41));
+    // To mac(40), unknown to the bridge, so flooded to the sleeper.
+    flood(&mut g, mac(40), 20_000); // warm up: buffers allocated, socket buffers full
     std::thread::sleep(Duration::from_millis(300));
     let before = w.rss_kib();
-    send(100_000, &mut flood); // 140 MB more toward a client that reads nothing
+    flood(&mut g, mac(40), 100_000); // 140 MB more toward a client that reads nothing
     std::thread::sleep(Duration::from_millis(300));
     let after = w.rss_kib();
     assert!(after < before + 4096, "RSS grew from {before} KiB to {after} KiB");
@@ -494,15 +495,8 @@ fn a_spare_tap_is_reused_clean_and_then_removed() {
     // The sleeper (wsnic0) reads nothing: frames flooded to it fill its TAP's kernel queue.
     let sleeper = raw_ws(&ns);
     w.wait_log("connected on wsnic0", 5 * SEC);
-    let mut flood = Guest::connect(&ns, mac(51), ip(51));
-    let mut f = vec![0u8; 1400];
-    f[..6].copy_from_slice(&mac(50)); // unknown to the bridge: flooded to the sleeper
-    f[6..12].copy_from_slice(&mac(51));
-    f[12..14].copy_from_slice(&[0x88, 0xb5]);
-    let burst: Vec<u8> = client_frame(2, &f).repeat(100);
-    for _ in 0..100 {
-        flood.ws.get_mut().write_all(&burst).unwrap();
-    }
+    let mut flooder = Guest::connect(&ns, mac(51), ip(51));
+    flood(&mut flooder, mac(50), 10_000); // mac(50) is unknown to the bridge: flooded to the sleeper
     std::thread::sleep(Duration::from_millis(300));
     let stats = ns.ip(&["-s", "-j", "link", "show", "wsnic0"]);
     assert!(!stats.contains("\"dropped\":0}"), "the sleeper's queue should be full: {stats}");
@@ -519,7 +513,7 @@ fn a_spare_tap_is_reused_clean_and_then_removed() {
     assert!(next.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((GW, ip(52), 0, 9, 1))).is_some());
     // Once every client has left, spares do not linger.
     drop(next);
-    drop(flood);
+    drop(flooder);
     assert!(eventually(10 * SEC, || ns.bridge_ports("wsnicbr0").is_empty()), "{:?}", ns.bridge_ports("wsnicbr0"));
 }
 
@@ -533,19 +527,6 @@ fn napi_state(ns: &Netns, tap: &str) -> (bool, String) {
     let flags =
         u32::from_str_radix(flags.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("tun_flags {flags:?}"));
     (flags & 0x10 != 0, read("threaded"))
-}
-
-/// `burst` frames of 1400 bytes from `g` to `dst` (the gateway's MAC: the host drops them, and
-/// no other client sees them), of an EtherType the host does not know.
-fn flood(g: &mut Guest, dst: [u8; 6], burst: usize) {
-    let mut f = vec![0u8; 1400];
-    f[..6].copy_from_slice(&dst);
-    f[6..12].copy_from_slice(&g.mac);
-    f[12..14].copy_from_slice(&[0x88, 0xb5]);
-    let chunk: Vec<u8> = client_frame(2, &f).repeat(100);
-    for _ in 0..burst / 100 {
-        g.ws.get_mut().write_all(&chunk).unwrap();
-    }
 }
 
 #[test]

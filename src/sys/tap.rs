@@ -269,7 +269,7 @@ fn set_send_buffer(fd: RawFd, bytes: libc::c_int) -> io::Result<()> {
 ///
 /// The kernel only try-locks RTNL for this write and restarts the system call until it gets
 /// the lock, so call it on a thread where that wait costs no client anything.
-pub fn set_threaded(sys_class_net: &Path, name: &str, index: u32, mac: [u8; 6]) -> io::Result<()> {
+fn set_threaded(sys_class_net: &Path, name: &str, index: u32, mac: [u8; 6]) -> io::Result<()> {
     let dir = sys_class_net.join(name);
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).map(|s| s.trim().to_string());
     if read("ifindex")? != index.to_string() || read("address")? != super::format_mac(&mac) {
