@@ -583,3 +583,80 @@ fn tap_threads_false_keeps_every_frame_in_the_event_loop() {
     busy.send(frames::icmp_echo(8, busy.mac, gw_mac, busy.ip, GW, 12, 1, b"no napi"));
     assert!(busy.recv_until(5 * SEC, |f| frames::icmp_of(f) == Some((GW, ip(63), 0, 12, 1))).is_some());
 }
+
+/// A thread of another process stopped under ptrace (only that thread: `PTRACE_INTERRUPT`, no
+/// group stop) until dropped. Every call comes from the thread that made it.
+struct StoppedThread(libc::pid_t);
+
+impl StoppedThread {
+    fn new(tid: libc::pid_t) -> StoppedThread {
+        // SAFETY: ptrace and waitpid on a thread id; no pointers are passed.
+        unsafe {
+            assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0), 0, "seize: {}", std::io::Error::last_os_error());
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0), 0, "interrupt");
+            let mut st = 0;
+            assert_eq!(libc::waitpid(tid, &mut st, libc::__WALL), tid, "waitpid");
+        }
+        StoppedThread(tid)
+    }
+}
+
+impl Drop for StoppedThread {
+    fn drop(&mut self) {
+        // SAFETY: as above; the thread goes on from where it stopped.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0) };
+    }
+}
+
+/// The thread of process `pid` named `name`.
+fn thread_named(pid: u32, name: &str) -> libc::pid_t {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+        .unwrap_or_else(|| panic!("no thread {name} in {pid}"))
+}
+
+/// Finished clients' TAPs are still bridge ports until the reaper thread removes them. When it
+/// falls behind, new connections wait in the listen queue rather than being accepted and then
+/// refused for want of a port; once it catches up they are served. The reaper is held still
+/// under ptrace to make it fall behind.
+#[test]
+fn new_connections_wait_while_the_reaper_is_behind() {
+    let ns = Netns::new("reapwait");
+    // 1023 clients leave the bridge no room for spares: 16 TAPs may wait for the reaper.
+    let mut w = Wsnic::start(&ns, &["--max-clients", "1023"]);
+    let reaper = StoppedThread::new(thread_named(w.pid(), "wsnic-reaper"));
+    for n in 1..=16 {
+        drop(raw_ws(&ns));
+        assert!(
+            eventually(5 * SEC, || w.log_text().matches(" disconnected after ").count() == n),
+            "client {n} not finished:\n{}",
+            w.log_text()
+        );
+    }
+    assert_eq!(ns.bridge_ports("wsnicbr0").len(), 16, "the finished clients' TAPs wait for the reaper");
+    // The 17th connection is not accepted while 16 TAPs wait: no answer, not even a refusal.
+    let mut late = ns.tcp("127.0.0.1:8070");
+    late.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    late.set_read_timeout(Some(SEC)).unwrap();
+    let mut b = [0u8; 1];
+    let r = late.read(&mut b);
+    assert!(
+        matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "answered while the reaper was behind: {r:?}"
+    );
+    w.wait_log("finished clients' TAPs still being removed; new connections wait", SEC);
+    // The reaper goes on: the waiting connection is served, and its client's TAP is the only port.
+    drop(reaper);
+    late.set_read_timeout(Some(10 * SEC)).unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(late.read(&mut b).unwrap(), 1, "EOF in handshake");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(eventually(10 * SEC, || ns.bridge_ports("wsnicbr0").len() == 1), "{:?}", ns.bridge_ports("wsnicbr0"));
+    w.assert_running();
+}

@@ -659,3 +659,48 @@ fn a_napi_tap_with_a_full_send_buffer_wakes_its_writer() {
         assert_eq!(rx(), Some(sent), "frames written but never taken by the kernel ({blocked} waits)");
     });
 }
+
+/// The reaper counts the TAPs it has been handed until each is a spare or deleted (the event
+/// loop stops accepting while that backlog is full): back to exactly zero once it is done, with
+/// `keep` spares left down on the bridge and every other device gone.
+#[test]
+fn the_reapers_backlog_counts_every_tap_until_it_is_kept_or_deleted() {
+    use wsnic::relay::reaper::Reaper;
+    use wsnic::sys::tap::Tap;
+    in_netns(|| {
+        let mut nl = Netlink::open().unwrap();
+        let br = bridge_with_addr(&mut nl, "tbr0", "10.78.0.1/24");
+        let reaper = Reaper::start(br, 4, Duration::from_secs(60)).unwrap();
+        assert_eq!(reaper.backlog(), 0);
+        let taps: Vec<Tap> = (0..200)
+            .map(|_| {
+                let t = Tap::open("trp%d", false, false).unwrap();
+                nl.attach_up(t.index(), br).unwrap();
+                t
+            })
+            .collect();
+        let mut most = 0;
+        for t in taps {
+            reaper.reap(t);
+            most = most.max(reaper.backlog());
+        }
+        assert!((1..=200).contains(&most), "backlog seen while reaping: {most}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while reaper.backlog() != 0 && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(reaper.backlog(), 0, "TAPs still counted as waiting for the reaper");
+        let left = run(&["ip", "-o", "link", "show"]);
+        let names: Vec<&str> =
+            left.lines().filter_map(|l| l.split(": ").nth(1)).filter(|n| n.starts_with("trp")).collect();
+        assert_eq!(names.len(), 4, "only the spares remain: {names:?}");
+        for n in &names {
+            let l = run(&["ip", "-o", "link", "show", n]);
+            assert!(l.contains("master tbr0") && !l.contains(",UP"), "a spare is a port of the bridge, down: {l}");
+        }
+        let spares: Vec<Tap> = std::iter::from_fn(|| reaper.spare()).collect();
+        assert_eq!(spares.len(), 4);
+        assert_eq!(reaper.backlog(), 0, "a spare taken is not waiting for the reaper");
+        drop(spares);
+    });
+}

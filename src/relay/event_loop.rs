@@ -56,6 +56,11 @@ const BRIDGE_PORTS: usize = 1023;
 /// TAPs of finished clients kept (down, on the bridge) for new clients, at most, and how long.
 const SPARE_TAPS: usize = 32;
 const SPARE_TTL: Duration = Duration::from_secs(2);
+/// Finished clients' TAPs waiting for the reaper, at least this many before a worker stops
+/// accepting (more where `max_clients` leaves the bridge room: see `Relay::run`).
+const MIN_REAPING: usize = 16;
+/// How often a worker that stopped accepting looks again whether the reaper has caught up.
+const REAPING_RECHECK: Duration = Duration::from_millis(5);
 /// Free buffers kept for reuse.
 const POOL_KEEP_BYTES: usize = 16 << 20;
 
@@ -136,6 +141,11 @@ pub struct Relay {
     pending_log: RateLimited,
     /// Deletes the TAPs of finished clients off this thread (started by `run`).
     reaper: Option<Reaper>,
+    /// Finished clients' TAPs the reaper may hold before new connections wait: each is still a
+    /// port of the bridge.
+    max_reaping: usize,
+    /// New connections are left in the listen queue until the reaper catches up.
+    accept_paused: bool,
 }
 
 fn sock_token(i: usize) -> Token {
@@ -193,6 +203,8 @@ impl Relay {
             pending_log: RateLimited::new(Duration::from_secs(10)),
             totals: Default::default(),
             reaper: None,
+            max_reaping: MIN_REAPING,
+            accept_paused: false,
         })
     }
 
@@ -222,9 +234,13 @@ impl Relay {
     pub fn run(&mut self, bridge_index: u32, netlink: &mut Netlink) -> io::Result<()> {
         self.bridge_index = bridge_index;
         if self.reaper.is_none() {
-            // Spares are bridge ports too: keep them only within the bridge's port limit.
+            // Spares and TAPs waiting for the reaper are bridge ports too: this worker's share
+            // of the room `max_clients` leaves under the bridge's port limit, less the spares,
+            // may wait for the reaper.
             let headroom = BRIDGE_PORTS.saturating_sub(self.settings.admission.max_clients) / self.shared.workers();
-            match Reaper::start(bridge_index, SPARE_TAPS.min(headroom), SPARE_TTL) {
+            let keep = SPARE_TAPS.min(headroom);
+            self.max_reaping = (headroom - keep).max(MIN_REAPING);
+            match Reaper::start(bridge_index, keep, SPARE_TTL) {
                 Ok(r) => self.reaper = Some(r),
                 // TAPs then close on this thread: correct, only slower.
                 Err(e) => log::warn!("cannot start the TAP reaper thread: {e}"),
@@ -234,8 +250,11 @@ impl Relay {
         let mut next_tick = Instant::now() + TICK;
         loop {
             let wake = self.timers.peek().map_or(next_tick, |t| t.0 .0.min(next_tick));
-            let timeout =
+            let mut timeout =
                 if self.runq.is_empty() { wake.saturating_duration_since(Instant::now()) } else { Duration::ZERO };
+            if self.accept_paused {
+                timeout = timeout.min(REAPING_RECHECK);
+            }
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -292,6 +311,11 @@ impl Relay {
             }
             self.policy.after_pass();
             self.free.append(&mut self.freed);
+            if self.accept_paused && !self.reaper_full() {
+                self.accept_paused = false;
+                self.accept(now, false);
+                self.accept(now, true);
+            }
             if now >= next_tick {
                 self.tick(now);
                 next_tick = now + TICK;
@@ -388,8 +412,28 @@ impl Relay {
         self.runq_spare = batch; // two vectors, swapped: no allocation per pass
     }
 
+    /// Too many finished clients' TAPs wait for the reaper (it fell behind a burst of
+    /// disconnections): each is still a bridge port, and new TAPs might find none left.
+    fn reaper_full(&self) -> bool {
+        self.reaper.as_ref().is_some_and(|r| r.backlog() >= self.max_reaping)
+    }
+
     fn accept(&mut self, now: Instant, tls: bool) {
         loop {
+            if self.reaper_full() {
+                // The connections wait in the kernel's listen queue (1024) until it catches up;
+                // accepting them now would only refuse them when their TAP cannot join the bridge.
+                if !self.accept_paused {
+                    self.accept_paused = true;
+                    if let Some(held) = self.pending_log.allow(now) {
+                        let n = self.reaper.as_ref().map_or(0, Reaper::backlog);
+                        log::warn!(
+                            "{n} finished clients' TAPs still being removed; new connections wait ({held} more not logged)"
+                        );
+                    }
+                }
+                return;
+            }
             let accepted = match (tls, &self.listener, &self.tls_listener) {
                 (false, Some(l), _) => l.accept(),
                 (true, _, Some((l, _))) => l.accept(),

@@ -20,6 +20,9 @@
 //! reconnections costs neither creation nor deletion. Spares are bounded ([`Reaper::start`]'s
 //! `keep`) and short-lived (`ttl`): a quiet server keeps none.
 //!
+//! Every TAP handed over is counted until it is a spare or deleted ([`Reaper::backlog`]): each is
+//! still a bridge port, so the event loop stops accepting while the count is at its bound.
+//!
 //! The group number is derived from the bridge's ifindex, so two wsnic instances in one
 //! namespace never delete each other's devices. Dropping the reaper deletes the spares and
 //! what is queued, and joins the thread, so every TAP is gone before the caller removes the
@@ -27,7 +30,7 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -49,6 +52,8 @@ pub struct Reaper {
     tx: Option<mpsc::Sender<Job>>,
     /// False once a thread request has shown that this host cannot give TAPs threads.
     threads_available: Arc<AtomicBool>,
+    /// TAPs handed over by [`Reaper::reap`] and not yet kept as spares or deleted.
+    backlog: Arc<AtomicUsize>,
     spares: Arc<Mutex<Vec<(Tap, Instant)>>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -69,6 +74,8 @@ impl Reaper {
         let kept = Arc::clone(&spares);
         let threads_available = Arc::new(AtomicBool::new(true));
         let mut threads = Threads { available: Arc::clone(&threads_available) };
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let handed = Arc::clone(&backlog);
         let thread = std::thread::Builder::new().name("wsnic-reaper".into()).spawn(move || {
             let mut batch = Vec::with_capacity(BATCH);
             let mut doomed = Vec::new();
@@ -89,6 +96,7 @@ impl Reaper {
                     Err(mpsc::RecvTimeoutError::Disconnected) => false,
                 };
                 let now = Instant::now();
+                let taken = batch.len();
                 for t in batch.drain(..) {
                     if let Err(e) = nl.set_down_in_group(t.index(), 0) {
                         log::debug!("reaper: {}: {e}", t.name());
@@ -115,20 +123,32 @@ impl Reaper {
                     }
                 }
                 delete(&mut nl, group, &mut doomed);
+                // Every TAP taken this round is now a spare or gone.
+                handed.fetch_sub(taken, Ordering::Relaxed);
                 if !open {
                     break;
                 }
             }
         })?;
-        Ok(Reaper { tx: Some(tx), threads_available, spares, thread: Some(thread) })
+        Ok(Reaper { tx: Some(tx), threads_available, backlog, spares, thread: Some(thread) })
     }
 
     /// Queue `tap` (out of every poll set) to be kept as a spare or removed; never blocks.
+    /// The caller bounds how many wait ([`Reaper::backlog`]).
     pub fn reap(&self, tap: Tap) {
         if let Some(tx) = &self.tx {
+            self.backlog.fetch_add(1, Ordering::Relaxed);
             // The thread only stops when `tx` is dropped; if it died, the TAP closes here.
-            let _ = tx.send(Job::Reap(tap));
+            if tx.send(Job::Reap(tap)).is_err() {
+                self.backlog.fetch_sub(1, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// TAPs handed to [`Reaper::reap`] that are not yet spares or deleted. Each is still a
+    /// port of the bridge, which holds at most 1024.
+    pub fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
     }
 
     /// Ask for `tap`'s NAPI context to run in a kernel thread of its own (see `sys::tap`), and
