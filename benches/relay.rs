@@ -453,6 +453,7 @@ fn connect_rate(t: &mut Topo, s: &Settings, threads: usize, attached: usize) -> 
         })
         .collect();
     let sources = [CpuSource::process("relay", t.relay_pid()), CpuSource::this_process("clients")];
+    let first_index = t.next_ifindex();
     std::thread::sleep(Duration::from_millis(500));
     let sampler = WaitSampler::start(t.relay_pid());
     let mut runs = Vec::new();
@@ -467,6 +468,9 @@ fn connect_rate(t: &mut Topo, s: &Settings, threads: usize, attached: usize) -> 
     let blocked = sampler.finish();
     drop(workers);
     wait_for_taps(t, attached);
+    // Every connection of the case (also outside the measured windows): the rest took a spare.
+    let created = u64::from(t.next_ifindex() - first_index);
+    let connections = done.load(SEQ) + failed.load(SEQ);
     let rate = median(&runs.iter().map(|r| r.0 as f64 / r.2.wall).collect::<Vec<_>>());
     let per_conn = median(&runs.iter().map(|r| r.2.secs_of("relay") / r.0.max(1) as f64).collect::<Vec<_>>());
     let uses: Vec<CpuUse> = runs.iter().map(|r| r.2.clone()).collect();
@@ -478,9 +482,10 @@ fn connect_rate(t: &mut Topo, s: &Settings, threads: usize, attached: usize) -> 
     row.result = format!("{:.0} conn/s", rate);
     row.cost = format!("{:.3} ms /conn", per_conn * 1e3);
     row = row.cpu(&uses, "relay", &[("clients", "bench (clients)")]);
+    row.notes = format!("{created} TAPs created for {connections} connections");
     let fails: u64 = runs.iter().map(|r| r.1).sum();
     if fails > 0 {
-        row.notes = format!("{fails} failed, first: {}", first_error.lock().unwrap().clone().unwrap_or_default());
+        row.notes += &format!("; {fails} failed, first: {}", first_error.lock().unwrap().clone().unwrap_or_default());
     }
     row.note(blocked)
 }

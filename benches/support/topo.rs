@@ -202,6 +202,17 @@ impl Topo {
         self.lab.relay.name.clone()
     }
 
+    /// The ifindex the relay's namespace gives its next new device. The kernel hands them out
+    /// in increasing order, so the difference of two readings counts the devices created in
+    /// between (the probe's own two are not counted).
+    pub fn next_ifindex(&self) -> u32 {
+        self.lab.relay.ip(&["link", "add", "benchprobe0", "type", "veth", "peer", "name", "benchprobe1"]);
+        let out = self.lab.relay.exec("cat", &["/sys/class/net/benchprobe1/ifindex"]);
+        let index: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("ifindex");
+        self.lab.relay.ip(&["link", "del", "benchprobe0"]);
+        index + 1
+    }
+
     /// The bridge's MAC, as the relay set it.
     pub fn bridge_mac(&self) -> [u8; 6] {
         let out = self.lab.relay.exec("cat", &["/sys/class/net/wsnicbr0/address"]);

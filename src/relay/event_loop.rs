@@ -56,9 +56,10 @@ const BRIDGE_PORTS: usize = 1023;
 /// TAPs of finished clients kept (down, on the bridge) for new clients, at most, and how long.
 const SPARE_TAPS: usize = 32;
 const SPARE_TTL: Duration = Duration::from_secs(2);
-/// Finished clients' TAPs waiting for the reaper, at least this many before a worker stops
-/// accepting (more where `max_clients` leaves the bridge room: see `Relay::run`).
-const MIN_REAPING: usize = 16;
+/// Finished clients' TAPs waiting for the reaper before a worker stops accepting. Small on
+/// purpose: while the reaper is behind, new clients find no spare and get new TAPs, whose
+/// creation and later deletion put it further behind (see docs/design.md).
+const MAX_REAPING: usize = 16;
 /// How often a worker that stopped accepting looks again whether the reaper has caught up.
 const REAPING_RECHECK: Duration = Duration::from_millis(5);
 /// Free buffers kept for reuse.
@@ -141,9 +142,6 @@ pub struct Relay {
     pending_log: RateLimited,
     /// Deletes the TAPs of finished clients off this thread (started by `run`).
     reaper: Option<Reaper>,
-    /// Finished clients' TAPs the reaper may hold before new connections wait: each is still a
-    /// port of the bridge.
-    max_reaping: usize,
     /// New connections are left in the listen queue until the reaper catches up.
     accept_paused: bool,
 }
@@ -203,7 +201,6 @@ impl Relay {
             pending_log: RateLimited::new(Duration::from_secs(10)),
             totals: Default::default(),
             reaper: None,
-            max_reaping: MIN_REAPING,
             accept_paused: false,
         })
     }
@@ -234,13 +231,9 @@ impl Relay {
     pub fn run(&mut self, bridge_index: u32, netlink: &mut Netlink) -> io::Result<()> {
         self.bridge_index = bridge_index;
         if self.reaper.is_none() {
-            // Spares and TAPs waiting for the reaper are bridge ports too: this worker's share
-            // of the room `max_clients` leaves under the bridge's port limit, less the spares,
-            // may wait for the reaper.
+            // Spares are bridge ports too: keep them only within the bridge's port limit.
             let headroom = BRIDGE_PORTS.saturating_sub(self.settings.admission.max_clients) / self.shared.workers();
-            let keep = SPARE_TAPS.min(headroom);
-            self.max_reaping = (headroom - keep).max(MIN_REAPING);
-            match Reaper::start(bridge_index, keep, SPARE_TTL) {
+            match Reaper::start(bridge_index, SPARE_TAPS.min(headroom), SPARE_TTL) {
                 Ok(r) => self.reaper = Some(r),
                 // TAPs then close on this thread: correct, only slower.
                 Err(e) => log::warn!("cannot start the TAP reaper thread: {e}"),
@@ -413,9 +406,9 @@ impl Relay {
     }
 
     /// Too many finished clients' TAPs wait for the reaper (it fell behind a burst of
-    /// disconnections): each is still a bridge port, and new TAPs might find none left.
+    /// disconnections): each is still a bridge port, and none can be a spare until it is done.
     fn reaper_full(&self) -> bool {
-        self.reaper.as_ref().is_some_and(|r| r.backlog() >= self.max_reaping)
+        self.reaper.as_ref().is_some_and(|r| r.backlog() >= MAX_REAPING)
     }
 
     fn accept(&mut self, now: Instant, tls: bool) {

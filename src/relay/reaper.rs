@@ -21,7 +21,7 @@
 //! `keep`) and short-lived (`ttl`): a quiet server keeps none.
 //!
 //! Every TAP handed over is counted until it is a spare or deleted ([`Reaper::backlog`]): each is
-//! still a bridge port, so the event loop stops accepting while the count is at its bound.
+//! still a bridge port and not yet a spare, so the event loop stops accepting while 16 wait.
 //!
 //! The group number is derived from the bridge's ifindex, so two wsnic instances in one
 //! namespace never delete each other's devices. Dropping the reaper deletes the spares and
