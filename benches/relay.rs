@@ -7,7 +7,7 @@
 //! - (b) iperf3 TCP through a `wsnic connect` guest and NAT, both directions;
 //! - (c) the round-trip time the relay adds (ping through the relay vs over a plain veth);
 //! - (d) connection setup: connections/s one at a time and 16 at once (also with 500 idle clients
-//!   attached), connect-to-first-frame;
+//!   attached) and how many TAPs each case created (the rest reused spares), connect-to-first-frame;
 //! - (e) relay memory per idle connection at 100 and 1000 clients.
 //!
 //! Every figure is the median of `WSNIC_BENCH_RUNS` (5) runs of `WSNIC_BENCH_SECS` (2) s, with
