@@ -146,8 +146,13 @@ impl Reaper {
     }
 
     /// TAPs handed to [`Reaper::reap`] that are not yet spares or deleted. Each is still a
-    /// port of the bridge, which holds at most 1024.
+    /// port of the bridge, which holds at most 1024. Zero once the thread has died (nothing in
+    /// it is expected to panic): what it held closed with its channel, and [`Reaper::reap`] then closes
+    /// each TAP itself, so nobody waits for it.
     pub fn backlog(&self) -> usize {
+        if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+            return 0;
+        }
         self.backlog.load(Ordering::Relaxed)
     }
 
