@@ -435,6 +435,7 @@ fn connect_rate(t: &mut Topo, s: &Settings, threads: usize, attached: usize) -> 
     let failed = Arc::new(AtomicU64::new(0));
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
     let ns = t.ns();
+    let before = t.probe_ifindex();
     let workers: Vec<loadgen::Worker> = (0..threads)
         .map(|_| {
             let (done, failed, first_error, ns) = (done.clone(), failed.clone(), first_error.clone(), ns.clone());
@@ -453,7 +454,6 @@ fn connect_rate(t: &mut Topo, s: &Settings, threads: usize, attached: usize) -> 
         })
         .collect();
     let sources = [CpuSource::process("relay", t.relay_pid()), CpuSource::this_process("clients")];
-    let first_index = t.next_ifindex();
     std::thread::sleep(Duration::from_millis(500));
     let sampler = WaitSampler::start(t.relay_pid());
     let mut runs = Vec::new();
@@ -469,7 +469,7 @@ fn connect_rate(t: &mut Topo, s: &Settings, threads: usize, attached: usize) -> 
     drop(workers);
     wait_for_taps(t, attached);
     // Every connection of the case (also outside the measured windows): the rest took a spare.
-    let created = u64::from(t.next_ifindex() - first_index);
+    let created = u64::from(t.probe_ifindex().0 - before.1 - 1);
     let connections = done.load(SEQ) + failed.load(SEQ);
     let rate = median(&runs.iter().map(|r| r.0 as f64 / r.2.wall).collect::<Vec<_>>());
     let per_conn = median(&runs.iter().map(|r| r.2.secs_of("relay") / r.0.max(1) as f64).collect::<Vec<_>>());

@@ -608,20 +608,32 @@ impl Drop for StoppedThread {
     }
 }
 
-/// The thread of process `pid` named `name`.
+/// The thread of process `pid` named `name`, once it exists (threads name themselves after they
+/// start).
 fn thread_named(pid: u32, name: &str) -> libc::pid_t {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name))
-        .and_then(|e| e.file_name().to_str()?.parse().ok())
-        .unwrap_or_else(|| panic!("no thread {name} in {pid}"))
+    let find = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name))
+            .and_then(|e| e.file_name().to_str()?.parse().ok())
+    };
+    let mut tid = None;
+    assert!(
+        eventually(5 * SEC, || {
+            tid = find();
+            tid.is_some()
+        }),
+        "no thread {name} in {pid}"
+    );
+    tid.unwrap()
 }
 
-/// Finished clients' TAPs are still bridge ports until the reaper thread removes them. When it
-/// falls behind, new connections wait in the listen queue rather than being accepted and then
-/// refused for want of a port; once it catches up they are served. The reaper is held still
-/// under ptrace to make it fall behind.
+/// Finished clients' TAPs are still bridge ports, and not yet spares, until the reaper thread is
+/// done with them. When 16 wait, new connections wait in the listen queue; once the reaper
+/// catches up they are served (on a spare). The reaper is held still under ptrace to make it
+/// fall behind: stopped while idle (no client has left yet), so it holds no lock the event loop
+/// needs.
 #[test]
 fn new_connections_wait_while_the_reaper_is_behind() {
     let ns = Netns::new("reapwait");

@@ -202,15 +202,18 @@ impl Topo {
         self.lab.relay.name.clone()
     }
 
-    /// The ifindex the relay's namespace gives its next new device. The kernel hands them out
-    /// in increasing order, so the difference of two readings counts the devices created in
-    /// between (the probe's own two are not counted).
-    pub fn next_ifindex(&self) -> u32 {
+    /// The ifindexes of a probe veth pair created (and deleted) in the relay's namespace: (the
+    /// lower, the higher). The kernel hands them out in increasing order, so
+    /// `later.0 - earlier.1 - 1` devices were created between two probes.
+    pub fn probe_ifindex(&self) -> (u32, u32) {
         self.lab.relay.ip(&["link", "add", "benchprobe0", "type", "veth", "peer", "name", "benchprobe1"]);
-        let out = self.lab.relay.exec("cat", &["/sys/class/net/benchprobe1/ifindex"]);
-        let index: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("ifindex");
+        let index = |dev: &str| -> u32 {
+            let out = self.lab.relay.exec("cat", &[&format!("/sys/class/net/{dev}/ifindex")]);
+            String::from_utf8_lossy(&out.stdout).trim().parse().expect("ifindex")
+        };
+        let (a, b) = (index("benchprobe0"), index("benchprobe1"));
         self.lab.relay.ip(&["link", "del", "benchprobe0"]);
-        index + 1
+        (a.min(b), a.max(b))
     }
 
     /// The bridge's MAC, as the relay set it.

@@ -140,6 +140,7 @@ pub struct Relay {
     /// One log limiter per refusal reason, so a flood of one kind cannot hide another.
     refusal_log: [RateLimited; 6],
     pending_log: RateLimited,
+    reaping_log: RateLimited,
     /// Deletes the TAPs of finished clients off this thread (started by `run`).
     reaper: Option<Reaper>,
     /// New connections are left in the listen queue until the reaper catches up.
@@ -199,6 +200,7 @@ impl Relay {
             refused: [0; 6],
             refusal_log: std::array::from_fn(|_| RateLimited::new(Duration::from_secs(10))),
             pending_log: RateLimited::new(Duration::from_secs(10)),
+            reaping_log: RateLimited::new(Duration::from_secs(10)),
             totals: Default::default(),
             reaper: None,
             accept_paused: false,
@@ -415,12 +417,13 @@ impl Relay {
         loop {
             if self.reaper_full() {
                 // The connections wait in the kernel's listen queue (1024) until it catches up;
-                // accepting them now would only refuse them when their TAP cannot join the bridge.
+                // then the TAPs it finishes are spares for them, rather than each getting a new
+                // one that the reaper must later delete too.
                 if !self.accept_paused {
                     self.accept_paused = true;
-                    if let Some(held) = self.pending_log.allow(now) {
+                    if let Some(held) = self.reaping_log.allow(now) {
                         let n = self.reaper.as_ref().map_or(0, Reaper::backlog);
-                        log::warn!(
+                        log::info!(
                             "{n} finished clients' TAPs still being removed; new connections wait ({held} more not logged)"
                         );
                     }

@@ -21,7 +21,8 @@
 //! `keep`) and short-lived (`ttl`): a quiet server keeps none.
 //!
 //! Every TAP handed over is counted until it is a spare or deleted ([`Reaper::backlog`]): each is
-//! still a bridge port and not yet a spare, so the event loop stops accepting while 16 wait.
+//! still a bridge port and not yet a spare, so the event loop stops accepting while too many wait
+//! (its `MAX_REAPING`).
 //!
 //! The group number is derived from the bridge's ifindex, so two wsnic instances in one
 //! namespace never delete each other's devices. Dropping the reaper deletes the spares and
@@ -146,7 +147,7 @@ impl Reaper {
     }
 
     /// TAPs handed to [`Reaper::reap`] that are not yet spares or deleted. Each is still a
-    /// port of the bridge, which holds at most 1024. Zero once the thread has died (nothing in
+    /// port of the bridge, which holds at most 1023. Zero once the thread has died (nothing in
     /// it is expected to panic): what it held closed with its channel, and [`Reaper::reap`] then closes
     /// each TAP itself, so nobody waits for it.
     pub fn backlog(&self) -> usize {
