@@ -662,7 +662,7 @@ fn a_napi_tap_with_a_full_send_buffer_wakes_its_writer() {
 
 /// The reaper counts the TAPs it has been handed until each is a spare or deleted (the event
 /// loop stops accepting while that backlog is full): back to exactly zero once it is done, with
-/// `keep` spares left down on the bridge and every other device gone.
+/// `keep` spares left on the bridge with their ports disabled and every other device gone.
 #[test]
 fn the_reapers_backlog_counts_every_tap_until_it_is_kept_or_deleted() {
     use wsnic::relay::reaper::Reaper;
@@ -679,6 +679,12 @@ fn the_reapers_backlog_counts_every_tap_until_it_is_kept_or_deleted() {
                 t
             })
             .collect();
+        // A MAC the bridge learned behind each port (the client's): gone once it is a spare.
+        for (i, t) in taps.iter().enumerate() {
+            let mac = format!("02:77:00:00:00:{i:02x}");
+            run(&["bridge", "fdb", "add", &mac, "dev", t.name(), "master", "dynamic"]);
+            assert!(run(&["bridge", "fdb", "show", "dev", t.name()]).contains(&mac));
+        }
         let mut most = 0;
         for t in taps {
             reaper.reap(t);
@@ -695,8 +701,10 @@ fn the_reapers_backlog_counts_every_tap_until_it_is_kept_or_deleted() {
             left.lines().filter_map(|l| l.split(": ").nth(1)).filter(|n| n.starts_with("trp")).collect();
         assert_eq!(names.len(), 4, "only the spares remain: {names:?}");
         for n in &names {
-            let l = run(&["ip", "-o", "link", "show", n]);
-            assert!(l.contains("master tbr0") && !l.contains(",UP"), "a spare is a port of the bridge, down: {l}");
+            let l = run(&["bridge", "link", "show", "dev", n]);
+            assert!(l.contains("master tbr0") && l.contains("state disabled"), "a spare's port forwards nothing: {l}");
+            let fdb = run(&["bridge", "fdb", "show", "dev", n]);
+            assert!(!fdb.contains("02:77:00:00:00:"), "a spare keeps no MAC learned on it: {fdb}");
         }
         let spares: Vec<Tap> = std::iter::from_fn(|| reaper.spare()).collect();
         assert_eq!(spares.len(), 4);

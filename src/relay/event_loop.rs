@@ -586,7 +586,7 @@ impl Relay {
     /// go up), or a new one.
     fn tap_for_client(&self, netlink: &mut Netlink) -> io::Result<Tap> {
         if let Some(t) = self.reaper.as_ref().and_then(Reaper::spare) {
-            match netlink.set_up(t.index()) {
+            match netlink.set_port_forwarding(t.index(), true) {
                 Ok(()) => return Ok(t),
                 Err(e) => {
                     log::debug!("spare {}: {e}", t.name());

@@ -10,13 +10,15 @@
 //! (`benches/tap_cost.py`). Creating one and attaching it to the bridge costs about 0.3 ms
 //! more. On the event loop that would stall every other client for each disconnect and cap the
 //! connection rate near 55/s. Instead the loop hands a finished client's TAP (already out of
-//! its poll set) to the reaper thread, which sets it down (the bridge forgets the MACs learned
-//! on it; nothing more is queued to it) and reads what was still queued, then either keeps it
-//! as a spare — still a port of the bridge, down — or deletes it. Deletion is batched: each TAP
+//! its poll set) to the reaper thread, which either keeps it as a spare or deletes it. A spare
+//! stays a port of the bridge, up, but its port is disabled (nothing more is forwarded to it)
+//! and the MACs learned on it are flushed, in one request; then what was still queued is read
+//! and dropped. Not setting it down spares the kernel's `NETDEV_DOWN` work, NAT masquerade's
+//! walk of the whole conntrack table among it, and an RCU grace period. Deletion is batched: each TAP
 //! is put in a device group of its own, the whole group goes with one `RTM_DELLINK` (one grace
 //! period for the batch), and only then are the descriptors closed, which is now cheap.
 //!
-//! A new client takes a spare if there is one (the loop only sets it up again), so a burst of
+//! A new client takes a spare if there is one (the loop only enables its port again), so a burst of
 //! reconnections costs neither creation nor deletion. Spares are bounded ([`Reaper::start`]'s
 //! `keep`) and short-lived (`ttl`): a quiet server keeps none.
 //!
@@ -99,18 +101,19 @@ impl Reaper {
                 let now = Instant::now();
                 let taken = batch.len();
                 for t in batch.drain(..) {
-                    if let Err(e) = nl.set_down_in_group(t.index(), 0) {
+                    // Only this thread adds spares, so there is still room when it pushes.
+                    let room = kept.lock().expect("spares").len() < keep;
+                    if !open || !room || t.is_threaded() {
+                        doomed.push(t);
+                        continue;
+                    }
+                    if let Err(e) = nl.set_port_forwarding(t.index(), false) {
                         log::debug!("reaper: {}: {e}", t.name());
                         doomed.push(t);
                         continue;
                     }
                     drain(&t);
-                    let mut s = kept.lock().expect("spares");
-                    if open && s.len() < keep && !t.is_threaded() {
-                        s.push((t, now));
-                    } else {
-                        doomed.push(t);
-                    }
+                    kept.lock().expect("spares").push((t, now));
                 }
                 {
                     let mut s = kept.lock().expect("spares");
@@ -176,10 +179,13 @@ impl Reaper {
         self.threads_available.load(Ordering::Relaxed)
     }
 
-    /// A spare TAP: a port of the bridge, down, nothing queued. The newest first (it has the
-    /// longest left to live).
+    /// A spare TAP: a port of the bridge, not forwarding, nothing queued. The newest first (it
+    /// has the longest left to live). Drained once more here: a frame the bridge was already
+    /// forwarding to it when its port stopped may have arrived after the reaper's drain.
     pub fn spare(&self) -> Option<Tap> {
-        self.spares.lock().expect("spares").pop().map(|(t, _)| t)
+        let t = self.spares.lock().expect("spares").pop().map(|(t, _)| t)?;
+        drain(&t);
+        Some(t)
     }
 }
 

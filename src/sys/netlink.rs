@@ -30,6 +30,12 @@ const IFNAMSIZ: usize = 16;
 
 /// `IFLA_BRPORT_ISOLATED` (linux/if_link.h), a u8 inside `IFLA_PROTINFO`.
 const IFLA_BRPORT_ISOLATED: u16 = 33;
+/// `IFLA_BRPORT_STATE` (a u8) and `IFLA_BRPORT_FLUSH` (no payload), inside `IFLA_PROTINFO`.
+const IFLA_BRPORT_STATE: u16 = 1;
+const IFLA_BRPORT_FLUSH: u16 = 24;
+/// Bridge port states (linux/if_bridge.h).
+const BR_STATE_DISABLED: u8 = 0;
+const BR_STATE_FORWARDING: u8 = 3;
 
 pub struct Netlink {
     socket: Socket,
@@ -110,6 +116,23 @@ impl Netlink {
     /// Delete link `index`; a link that is already gone is not an error.
     pub fn delete_link(&mut self, index: u32) -> io::Result<()> {
         ignore_errno(self.ack(RouteNetlinkMessage::DelLink(link_msg(index)), 0), &[libc::ENODEV])
+    }
+
+    /// Take bridge port `index` out of forwarding (state disabled) and forget the MACs the
+    /// bridge learned on it, or (`forwarding`) put it back, in one request; the link itself
+    /// stays up. Unlike setting the link down, this raises no `NETDEV_DOWN` (which makes NAT
+    /// masquerade walk the whole conntrack table) and waits for no RCU grace period. The
+    /// bridge must not run the kernel's STP (wsnic's never does).
+    pub fn set_port_forwarding(&mut self, index: u32, forwarding: bool) -> io::Result<()> {
+        let mut msg = link_msg(index);
+        msg.header.interface_family = AddressFamily::Bridge;
+        let state = if forwarding { BR_STATE_FORWARDING } else { BR_STATE_DISABLED };
+        let mut port = vec![LinkProtoInfoBridge::Other(DefaultNla::new(IFLA_BRPORT_STATE, vec![state]))];
+        if !forwarding {
+            port.push(LinkProtoInfoBridge::Other(DefaultNla::new(IFLA_BRPORT_FLUSH, Vec::new())));
+        }
+        msg.attributes.push(LinkAttribute::ProtoInfoBridge(port));
+        self.ack(RouteNetlinkMessage::SetLink(msg), 0)
     }
 
     /// Set link `index` down and put it in device group `group`, in one request (a device
