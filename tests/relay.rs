@@ -631,7 +631,7 @@ fn thread_named(pid: u32, name: &str) -> libc::pid_t {
 
 /// Finished clients' TAPs are still bridge ports, and not yet spares, until the reaper thread is
 /// done with them. When 16 wait, new connections wait in the listen queue; once the reaper
-/// catches up they are served (on a spare). The reaper is held still under ptrace to make it
+/// catches up they are served. The reaper is held still under ptrace to make it
 /// fall behind: stopped while idle (no client has left yet), so it holds no lock the event loop
 /// needs.
 #[test]
@@ -659,8 +659,8 @@ fn new_connections_wait_while_the_reaper_is_behind() {
         "answered while the reaper was behind: {r:?}"
     );
     w.wait_log("finished clients' TAPs still being removed; new connections wait", SEC);
-    // The reaper goes on: the waiting connection is served (on one of the 16, now a spare), and
-    // once the other spares expire its client's TAP is the only port.
+    // The reaper goes on: the waiting connection is served, and once the spares expire its
+    // client's TAP is the only port.
     drop(reaper);
     late.set_read_timeout(Some(10 * SEC)).unwrap();
     let mut head = Vec::new();

@@ -582,8 +582,8 @@ impl Relay {
         }
     }
 
-    /// A TAP for a new client, on the bridge and up: a spare the reaper kept (it only has to
-    /// go up), or a new one.
+    /// A TAP for a new client, on the bridge, up and forwarding: a spare the reaper kept (its
+    /// port only has to forward again), or a new one.
     fn tap_for_client(&self, netlink: &mut Netlink) -> io::Result<Tap> {
         if let Some(t) = self.reaper.as_ref().and_then(Reaper::spare) {
             match netlink.set_port_forwarding(t.index(), true) {

@@ -181,7 +181,10 @@ impl Reaper {
 
     /// A spare TAP: a port of the bridge, not forwarding, nothing queued. The newest first (it
     /// has the longest left to live). Drained once more here: a frame the bridge was already
-    /// forwarding to it when its port stopped may have arrived after the reaper's drain.
+    /// forwarding to it when its port stopped (on another core) may have landed after the
+    /// reaper's drain. Nothing waits for such frames as a link going down did (an RCU grace
+    /// period): a spare handed out within microseconds of its port stopping could still get one
+    /// afterwards (docs/design.md).
     pub fn spare(&self) -> Option<Tap> {
         let t = self.spares.lock().expect("spares").pop().map(|(t, _)| t)?;
         drain(&t);
@@ -224,7 +227,7 @@ impl Threads {
 
 const SYS_CLASS_NET: &str = "/sys/class/net";
 
-/// Read and discard what the kernel queued on `tap` before it went down.
+/// Read and discard what the kernel queued on `tap` before its bridge port stopped forwarding.
 fn drain(tap: &Tap) {
     let mut buf = [0u8; 2048];
     // A read of a frame larger than the buffer fails (EINVAL) or truncates: it is gone either way.

@@ -121,8 +121,9 @@ impl Netlink {
     /// Take bridge port `index` out of forwarding (state disabled) and forget the MACs the
     /// bridge learned on it, or (`forwarding`) put it back, in one request; the link itself
     /// stays up. Unlike setting the link down, this raises no `NETDEV_DOWN` (which makes NAT
-    /// masquerade walk the whole conntrack table) and waits for no RCU grace period. The
-    /// bridge must not run the kernel's STP (wsnic's never does).
+    /// masquerade walk the whole conntrack table) and waits for no RCU grace period. On a
+    /// bridge running the kernel's STP (an adopted one; wsnic's own never does) the kernel
+    /// refuses (`EBUSY`), and the reaper then deletes the TAP rather than keep it.
     pub fn set_port_forwarding(&mut self, index: u32, forwarding: bool) -> io::Result<()> {
         let mut msg = link_msg(index);
         msg.header.interface_family = AddressFamily::Bridge;
