@@ -650,7 +650,7 @@ fn new_connections_wait_while_the_reaper_is_behind() {
     assert_eq!(ns.bridge_ports("wsnicbr0").len(), 16, "the finished clients' TAPs wait for the reaper");
     // The 17th connection is not accepted while 16 TAPs wait: no answer, not even a refusal.
     let mut late = ns.tcp("127.0.0.1:8070");
-    late.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    late.write_all(support::UPGRADE_REQUEST).unwrap();
     late.set_read_timeout(Some(SEC)).unwrap();
     let mut b = [0u8; 1];
     let r = late.read(&mut b);
@@ -663,11 +663,7 @@ fn new_connections_wait_while_the_reaper_is_behind() {
     // client's TAP is the only port.
     drop(reaper);
     late.set_read_timeout(Some(10 * SEC)).unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(late.read(&mut b).unwrap(), 1, "EOF in handshake");
-        head.push(b[0]);
-    }
+    let head = support::read_head(&mut late);
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     assert!(eventually(10 * SEC, || ns.bridge_ports("wsnicbr0").len() == 1), "{:?}", ns.bridge_ports("wsnicbr0"));
     w.assert_running();

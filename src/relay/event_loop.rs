@@ -53,7 +53,7 @@ const TICK: Duration = Duration::from_secs(1);
 const BUSY_FRAMES_PER_TICK: u64 = 1000;
 /// Ports a Linux bridge holds (BR_MAX_PORTS less one).
 const BRIDGE_PORTS: usize = 1023;
-/// TAPs of finished clients kept (down, on the bridge) for new clients, at most, and how long.
+/// TAPs of finished clients kept (on the bridge, port disabled) for new clients, at most, and how long.
 const SPARE_TAPS: usize = 32;
 const SPARE_TTL: Duration = Duration::from_secs(2);
 /// Finished clients' TAPs waiting for the reaper before a worker stops accepting. Small on

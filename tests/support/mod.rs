@@ -395,18 +395,27 @@ impl Guest {
     }
 }
 
-/// A raw TCP connection that performs the handshake by hand (for cases a real client library
-/// refuses to produce).
-pub fn raw_ws(ns: &Netns) -> TcpStream {
-    let mut s = ns.tcp("127.0.0.1:8070");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+/// A WebSocket upgrade request for `/`, as a client writes it.
+pub const UPGRADE_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// Read a response head from `s`, up to and with its blank line; an EOF before it fails the test.
+pub fn read_head(s: &mut TcpStream) -> Vec<u8> {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         assert_eq!(s.read(&mut b).unwrap(), 1, "EOF in handshake");
         head.push(b[0]);
     }
+    head
+}
+
+/// A raw TCP connection that performs the handshake by hand (for cases a real client library
+/// refuses to produce).
+pub fn raw_ws(ns: &Netns) -> TcpStream {
+    let mut s = ns.tcp("127.0.0.1:8070");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(UPGRADE_REQUEST).unwrap();
+    let head = read_head(&mut s);
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     s
 }
