@@ -349,6 +349,27 @@ fn round_trip(s: &Settings, rows: &mut Vec<Row>) {
     let mut t = Topo::new(s);
     let g = t.add_static_guest(10);
     assert!(t.lab.ping(g, "192.168.2.1"), "guest cannot ping the gateway: {}", t.lab.guest_log(g));
+    round_trip_rows(&t, g, s, None, rows);
+    // The same with ping, `wsnic connect` and the relay on one CPU: every wake-up on the path is
+    // then a switch on a running CPU, not an interrupt to another (on a VM, a wake-up from idle
+    // is tens of µs). This separates what the path costs from where the scheduler puts it.
+    let cpus = measure::cpu_count();
+    if cpus > 1 {
+        let pids = [t.relay_pid(), t.lab.connect_pids[g]];
+        let before: Vec<Vec<usize>> = pids.iter().map(|p| measure::affinity(*p)).collect();
+        for p in pids {
+            measure::set_affinity(p, &[cpus - 1]);
+        }
+        round_trip_rows(&t, g, s, Some(cpus - 1), rows);
+        for (p, cpus) in pids.iter().zip(&before) {
+            measure::set_affinity(*p, cpus);
+        }
+    }
+}
+
+/// Section c's two rows: ping through the relay and over a plain veth, with ping on CPU `pin`
+/// if given (the caller pins the relay and `wsnic connect`).
+fn round_trip_rows(t: &Topo, g: usize, s: &Settings, pin: Option<usize>, rows: &mut Vec<Row>) {
     let sources = [CpuSource::process("relay", t.relay_pid()), CpuSource::process("connect", t.lab.connect_pids[g])];
     // Guest 0's control link: the relay's end is 203.0.113.1 (tests/support/lab.rs).
     let paths = [
@@ -360,7 +381,14 @@ fn round_trip(s: &Settings, rows: &mut Vec<Row>) {
     for _ in 0..s.runs {
         for (k, (_, addr)) in paths.iter().enumerate() {
             let w = CpuWindow::start(&sources);
-            let mut cmd = t.lab.guests[g].cmd("ping");
+            let mut cmd = match pin {
+                Some(cpu) => {
+                    let mut c = t.lab.guests[g].cmd("taskset");
+                    c.args(["-c", &cpu.to_string(), "ping"]);
+                    c
+                }
+                None => t.lab.guests[g].cmd("ping"),
+            };
             let (_, text, ping_cpu) = run_measured(cmd.args(["-c", "500", "-i", "0.002", "-s", "56", "-W", "2", addr]));
             let mut cpu = w.stop();
             cpu.add_child("ping", ping_cpu);
@@ -375,14 +403,18 @@ fn round_trip(s: &Settings, rows: &mut Vec<Row>) {
     }
     let mut blocked = sampler.finish();
     let p50s: Vec<f64> = stats.iter().map(|v| median(&v.iter().map(|x| x.0).collect::<Vec<_>>())).collect();
+    let place = pin.map(|c| format!(", all on CPU {c}")).unwrap_or_default();
     for (k, (name, _)) in paths.iter().enumerate() {
         let p99 = median(&stats[k].iter().map(|x| x.1).collect::<Vec<_>>());
-        let mut row = Row::new("c", format!("ping -i 0.002 ×500, {name}"));
+        let mut row = Row::new("c", format!("ping -i 0.002 ×500, {name}{place}"));
         row.result = format!("p50 {}, p99 {}", ms(p50s[k]), ms(p99));
         let uses: Vec<CpuUse> = stats[k].iter().map(|x| x.2.clone()).collect();
         row = row.cpu(&uses, "relay", &[("connect", "connect"), ("ping", "ping")]);
         if k == 0 {
             row.notes = format!("the relay adds {} (difference of the p50s)", ms(p50s[0] - p50s[1]));
+            if let Some(c) = pin {
+                row.notes += &format!("; ping, wsnic connect and the relay pinned to CPU {c}");
+            }
             row = row.note(blocked.take());
         }
         rows.push(row);
