@@ -266,6 +266,26 @@ fn existing_bridge_is_adopted_and_left() {
     assert!(!ns.ip(&["addr", "show", "wsnicbr0"]).contains("192.168.2.1"), "our address stayed");
 }
 
+/// On an adopted bridge that runs STP the kernel refuses to disable a port, so no finished
+/// client's TAP can be kept as a spare: each is deleted, and the log says why once, at info.
+#[test]
+fn on_an_adopted_bridge_with_stp_finished_taps_are_deleted_and_the_log_says_why() {
+    let ns = Netns::new("adoptstp");
+    ns.ip(&["link", "add", "wsnicbr0", "type", "bridge", "stp_state", "1"]);
+    let mut w = Wsnic::start(&ns, &[]);
+    w.wait_log("adopting existing bridge", 5 * SEC);
+    for i in 0..3 {
+        let g = Guest::connect(&ns, mac(33 + i), ip(33 + i));
+        drop(g);
+        assert!(eventually(5 * SEC, || ns.bridge_ports("wsnicbr0").is_empty()), "the finished client's TAP is gone");
+    }
+    w.wait_log("its bridge port could not be disabled", 5 * SEC);
+    let said = w.log_text().matches("could not be disabled").count();
+    assert_eq!(said, 1, "said once, not per TAP");
+    assert!(w.log_text().contains("while the bridge runs STP"), "{}", w.log_text());
+    assert_eq!(w.stop(), 0);
+}
+
 /// A client that never reads while its peer floods it: the server stops reading the slow
 /// client's TAP (the kernel queue drops) and its memory stays flat.
 #[test]

@@ -712,3 +712,63 @@ fn the_reapers_backlog_counts_every_tap_until_it_is_kept_or_deleted() {
         drop(spares);
     });
 }
+
+/// Wait (up to 20 s) until the reaper holds nothing it was handed; the `trp` devices left.
+fn settled_taps(reaper: &wsnic::relay::reaper::Reaper) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while reaper.backlog() != 0 && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(reaper.backlog(), 0, "TAPs still counted as waiting for the reaper");
+    let left = run(&["ip", "-o", "link", "show"]);
+    left.lines().filter_map(|l| l.split(": ").nth(1)).filter(|n| n.starts_with("trp")).map(str::to_owned).collect()
+}
+
+/// A TAP handed over with `discard` (a spare whose port would not forward again, a new TAP
+/// whose setup failed) is deleted even when there is room for spares; `reap` would keep it.
+#[test]
+fn a_discarded_tap_is_deleted_never_kept() {
+    use wsnic::relay::reaper::Reaper;
+    use wsnic::sys::tap::Tap;
+    in_netns(|| {
+        let mut nl = Netlink::open().unwrap();
+        let br = bridge_with_addr(&mut nl, "tbr0", "10.79.0.1/24");
+        let reaper = Reaper::start(br, 4, Duration::from_secs(60)).unwrap();
+        let mut tap = || {
+            let t = Tap::open("trp%d", false, false).unwrap();
+            nl.attach_up(t.index(), br).unwrap();
+            t
+        };
+        let (a, b) = (tap(), tap());
+        reaper.reap(a);
+        assert_eq!(settled_taps(&reaper).len(), 2, "a reaped TAP is kept, b is open");
+        let spare = reaper.spare().expect("the reaped TAP, kept as a spare");
+        reaper.discard(spare);
+        reaper.discard(b);
+        assert_eq!(settled_taps(&reaper), Vec::<String>::new(), "discarded TAPs are deleted");
+        assert!(reaper.spare().is_none(), "and none is kept");
+    });
+}
+
+/// On a bridge that runs the kernel's STP (an adopted one can), the kernel refuses to set a
+/// port's state, so a finished TAP cannot be made a spare: every one is deleted, and the
+/// backlog still returns to zero.
+#[test]
+fn on_a_bridge_running_stp_every_finished_tap_is_deleted() {
+    use wsnic::relay::reaper::Reaper;
+    use wsnic::sys::tap::Tap;
+    in_netns(|| {
+        let mut nl = Netlink::open().unwrap();
+        let br = bridge_with_addr(&mut nl, "tbr0", "10.80.0.1/24");
+        run(&["ip", "link", "set", "tbr0", "type", "bridge", "stp_state", "1"]);
+        assert!(run(&["ip", "-d", "link", "show", "tbr0"]).contains("stp_state 1"), "STP on");
+        let reaper = Reaper::start(br, 4, Duration::from_secs(60)).unwrap();
+        for _ in 0..3 {
+            let t = Tap::open("trp%d", false, false).unwrap();
+            nl.attach_up(t.index(), br).unwrap();
+            reaper.reap(t);
+        }
+        assert_eq!(settled_taps(&reaper), Vec::<String>::new(), "no spare kept under STP");
+        assert!(reaper.spare().is_none());
+    });
+}

@@ -591,7 +591,7 @@ impl Relay {
                 Err(e) => {
                     log::debug!("spare {}: {e}", t.name());
                     if let Some(r) = &self.reaper {
-                        r.reap(t);
+                        r.discard(t); // kept again, it would fail the next client the same way
                     }
                 }
             }
@@ -603,7 +603,9 @@ impl Relay {
             Ok(()) => Ok(t),
             Err(e) => {
                 if let Some(r) = &self.reaper {
-                    r.reap(t); // closing it here would block this thread for a grace period
+                    // Never a spare: it may be half set up. Closing it here would block this
+                    // thread for a grace period.
+                    r.discard(t);
                 }
                 Err(e)
             }

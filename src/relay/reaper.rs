@@ -20,7 +20,9 @@
 //!
 //! A new client takes a spare if there is one (the loop only enables its port again), so a burst of
 //! reconnections costs neither creation nor deletion. Spares are bounded ([`Reaper::start`]'s
-//! `keep`) and short-lived (`ttl`): a quiet server keeps none.
+//! `keep`) and short-lived (`ttl`): a quiet server keeps none. A TAP whose port cannot be
+//! disabled (a bridge running STP refuses), and one handed over with [`Reaper::discard`], is
+//! deleted, never kept.
 //!
 //! Every TAP handed over is counted until it is a spare or deleted ([`Reaper::backlog`]): each is
 //! still a bridge port and not yet a spare, so the event loop stops accepting while too many wait
@@ -47,7 +49,10 @@ const BATCH: usize = 1024;
 /// What the event loop hands the reaper's thread, in order: a TAP's thread request always
 /// comes before that TAP is reaped, so it never names a device already deleted.
 enum Job {
+    /// A finished client's TAP: kept as a spare if there is room, else deleted.
     Reap(Tap),
+    /// A TAP that is not to serve a client again: deleted.
+    Discard(Tap),
     Thread(TapHandle),
 }
 
@@ -80,8 +85,10 @@ impl Reaper {
         let backlog = Arc::new(AtomicUsize::new(0));
         let handed = Arc::clone(&backlog);
         let thread = std::thread::Builder::new().name("wsnic-reaper".into()).spawn(move || {
-            let mut batch = Vec::with_capacity(BATCH);
+            // Each TAP taken with whether it may be kept.
+            let mut batch: Vec<(Tap, bool)> = Vec::with_capacity(BATCH);
             let mut doomed = Vec::new();
+            let mut told_unkept = false;
             loop {
                 let wait = if kept.lock().expect("spares").is_empty() { Duration::from_secs(3600) } else { ttl / 2 };
                 let open = match rx.recv_timeout(wait) {
@@ -100,15 +107,15 @@ impl Reaper {
                 };
                 let now = Instant::now();
                 let taken = batch.len();
-                for t in batch.drain(..) {
+                for (t, may_keep) in batch.drain(..) {
                     // Only this thread adds spares, so there is still room when it pushes.
                     let room = kept.lock().expect("spares").len() < keep;
-                    if !open || !room || t.is_threaded() {
+                    if !open || !room || !may_keep || t.is_threaded() {
                         doomed.push(t);
                         continue;
                     }
                     if let Err(e) = nl.set_port_forwarding(t.index(), false) {
-                        log::debug!("reaper: {}: {e}", t.name());
+                        unkept(&t, &e, &mut told_unkept);
                         doomed.push(t);
                         continue;
                     }
@@ -140,10 +147,21 @@ impl Reaper {
     /// Queue `tap` (out of every poll set) to be kept as a spare or removed; never blocks.
     /// The caller bounds how many wait ([`Reaper::backlog`]).
     pub fn reap(&self, tap: Tap) {
+        self.hand(Job::Reap(tap));
+    }
+
+    /// Queue `tap` to be removed, never kept: a spare whose port would not forward again, or a
+    /// new TAP whose setup failed half-way (it may be a port, down). Never blocks; counted in
+    /// [`Reaper::backlog`] like the others.
+    pub fn discard(&self, tap: Tap) {
+        self.hand(Job::Discard(tap));
+    }
+
+    fn hand(&self, job: Job) {
         if let Some(tx) = &self.tx {
             self.backlog.fetch_add(1, Ordering::Relaxed);
             // The thread only stops when `tx` is dropped; if it died, the TAP closes here.
-            if tx.send(Job::Reap(tap)).is_err() {
+            if tx.send(job).is_err() {
                 self.backlog.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -198,10 +216,12 @@ struct Threads {
 }
 
 impl Threads {
-    /// Do `job` if it is a thread request; queue it on `batch` if it is a TAP to reap.
-    fn take(&mut self, job: Job, batch: &mut Vec<Tap>) {
+    /// Do `job` if it is a thread request; queue it on `batch` if it is a TAP to reap (with
+    /// whether it may be kept).
+    fn take(&mut self, job: Job, batch: &mut Vec<(Tap, bool)>) {
         let h = match job {
-            Job::Reap(t) => return batch.push(t),
+            Job::Reap(t) => return batch.push((t, true)),
+            Job::Discard(t) => return batch.push((t, false)),
             Job::Thread(_) if !self.available.load(Ordering::Relaxed) => return,
             Job::Thread(h) => h,
         };
@@ -226,6 +246,27 @@ impl Threads {
 }
 
 const SYS_CLASS_NET: &str = "/sys/class/net";
+
+/// A finished TAP whose bridge port could not be disabled is deleted, not kept. Said once at
+/// info: on a bridge that runs the kernel's STP (an adopted one; wsnic's own never does) every
+/// port's state is STP's, the kernel refuses each request with `EBUSY`, and no spare is ever
+/// kept, which costs every new client a TAP of its own.
+fn unkept(t: &Tap, e: &io::Error, told: &mut bool) {
+    if *told {
+        log::debug!("reaper: {}: {e}", t.name());
+        return;
+    }
+    *told = true;
+    let stp = if e.raw_os_error() == Some(libc::EBUSY) {
+        " (the kernel refuses this while the bridge runs STP: then no TAP is kept)"
+    } else {
+        ""
+    };
+    log::info!(
+        "reaper: {}: its bridge port could not be disabled, so it is deleted rather than kept as a spare: {e}{stp}",
+        t.name()
+    );
+}
 
 /// Read and discard what the kernel queued on `tap` before its bridge port stopped forwarding.
 fn drain(tap: &Tap) {
