@@ -772,3 +772,33 @@ fn on_a_bridge_running_stp_every_finished_tap_is_deleted() {
         assert!(reaper.spare().is_none());
     });
 }
+
+/// A bridge that snoops multicast keeps the groups a port joined when the port is disabled, so
+/// the reaper keeps no spare on it, and keeps spares again once snooping is off.
+#[test]
+fn no_spare_is_kept_while_the_bridge_snoops_multicast() {
+    use wsnic::relay::reaper::Reaper;
+    use wsnic::sys::tap::Tap;
+    in_netns(|| {
+        let mut nl = Netlink::open().unwrap();
+        run(&["ip", "link", "add", "tbr0", "type", "bridge", "mcast_snooping", "1"]);
+        run(&["ip", "link", "set", "tbr0", "up"]);
+        let br = nl.link_index("tbr0").unwrap().unwrap();
+        assert!(nl.bridge_snooping(br).unwrap());
+        let reaper = Reaper::start(br, 4, Duration::from_secs(60)).unwrap();
+        let mut reap = || {
+            let t = Tap::open("trp%d", false, false).unwrap();
+            nl.attach_up(t.index(), br).unwrap();
+            reaper.reap(t);
+        };
+        reap();
+        reap();
+        assert_eq!(settled_taps(&reaper), Vec::<String>::new(), "no spare kept while the bridge snoops");
+        run(&["ip", "link", "set", "tbr0", "type", "bridge", "mcast_snooping", "0"]);
+        let mut nl2 = Netlink::open().unwrap();
+        assert!(!nl2.bridge_snooping(br).unwrap());
+        reap();
+        assert_eq!(settled_taps(&reaper).len(), 1, "kept once snooping is off");
+        assert!(reaper.spare().is_some());
+    });
+}

@@ -21,8 +21,8 @@
 //! A new client takes a spare if there is one (the loop only enables its port again), so a burst of
 //! reconnections costs neither creation nor deletion. Spares are bounded ([`Reaper::start`]'s
 //! `keep`) and short-lived (`ttl`): a quiet server keeps none. A TAP whose port cannot be
-//! disabled (a bridge running STP refuses), and one handed over with [`Reaper::discard`], is
-//! deleted, never kept.
+//! disabled (a bridge running STP refuses), one handed over with [`Reaper::discard`], and any
+//! TAP while the bridge snoops multicast, is deleted, never kept.
 //!
 //! Every TAP handed over is counted until it is a spare or deleted ([`Reaper::backlog`]): each is
 //! still a bridge port and not yet a spare, so the event loop stops accepting while too many wait
@@ -89,6 +89,7 @@ impl Reaper {
             let mut batch: Vec<(Tap, bool)> = Vec::with_capacity(BATCH);
             let mut doomed = Vec::new();
             let mut told_unkept = false;
+            let mut told_snooping = false;
             loop {
                 let wait = if kept.lock().expect("spares").is_empty() { Duration::from_secs(3600) } else { ttl / 2 };
                 let open = match rx.recv_timeout(wait) {
@@ -107,10 +108,13 @@ impl Reaper {
                 };
                 let now = Instant::now();
                 let taken = batch.len();
+                let snooping = open
+                    && batch.iter().any(|(_, may_keep)| *may_keep)
+                    && snooping(&mut nl, bridge, &mut told_snooping);
                 for (t, may_keep) in batch.drain(..) {
                     // Only this thread adds spares, so there is still room when it pushes.
                     let room = kept.lock().expect("spares").len() < keep;
-                    if !open || !room || !may_keep || t.is_threaded() {
+                    if !open || !room || !may_keep || snooping || t.is_threaded() {
                         doomed.push(t);
                         continue;
                     }
@@ -246,6 +250,26 @@ impl Threads {
 }
 
 const SYS_CLASS_NET: &str = "/sys/class/net";
+
+/// Whether the bridge snoops multicast, in which case no TAP is kept: disabling a port leaves
+/// the group memberships learned on it (only a port going down clears them), so a spare would
+/// pass its last client's groups on to the next. wsnic's own bridge never snoops; an adopted
+/// one may (`ip link add … type bridge` turns it on). Said once at info.
+fn snooping(nl: &mut Netlink, bridge: u32, told: &mut bool) -> bool {
+    let on = nl.bridge_snooping(bridge).unwrap_or_else(|e| {
+        log::debug!("reaper: is the bridge snooping multicast? {e}");
+        true // not known: keep nothing
+    });
+    if on && !*told {
+        *told = true;
+        log::info!(
+            "reaper: the bridge snoops multicast, so finished clients' TAPs are deleted rather than kept as \
+             spares (a spare would keep its last client's multicast groups); with snooping off, spares make \
+             reconnecting faster"
+        );
+    }
+    on
+}
 
 /// A finished TAP whose bridge port could not be disabled is deleted, not kept. Said once at
 /// info: on a bridge that runs the kernel's STP (an adopted one; wsnic's own never does) every

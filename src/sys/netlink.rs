@@ -93,6 +93,19 @@ impl Netlink {
         }))
     }
 
+    /// Whether bridge `index` has multicast snooping on (`IFLA_BR_MCAST_SNOOPING`; false if
+    /// the kernel does not report it). `ENODEV` if there is no such link.
+    pub fn bridge_snooping(&mut self, index: u32) -> io::Result<bool> {
+        let link = self.get_link(link_msg(index))?.ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))?;
+        Ok(link.attributes.iter().any(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| match i {
+                LinkInfo::Data(InfoData::Bridge(opts)) => opts.contains(&InfoBridge::MulticastSnooping(true)),
+                _ => false,
+            }),
+            _ => false,
+        }))
+    }
+
     /// Create a (down) bridge called `name`, without multicast snooping; fails with
     /// `EEXIST` if a link of that name already exists. Returns the new link's index.
     ///
