@@ -797,6 +797,7 @@ fn no_spare_is_kept_while_the_bridge_snoops_multicast() {
         run(&["ip", "link", "set", "tbr0", "type", "bridge", "mcast_snooping", "0"]);
         let mut nl2 = Netlink::open().unwrap();
         assert!(!nl2.bridge_snooping(br).unwrap());
+        thread::sleep(Duration::from_millis(1100)); // the reaper asks at most once a second
         reap();
         assert_eq!(settled_taps(&reaper).len(), 1, "kept once snooping is off");
         assert!(reaper.spare().is_some());

@@ -89,7 +89,7 @@ impl Reaper {
             let mut batch: Vec<(Tap, bool)> = Vec::with_capacity(BATCH);
             let mut doomed = Vec::new();
             let mut told_unkept = false;
-            let mut told_snooping = false;
+            let mut snoop = Snooping::default();
             loop {
                 let wait = if kept.lock().expect("spares").is_empty() { Duration::from_secs(3600) } else { ttl / 2 };
                 let open = match rx.recv_timeout(wait) {
@@ -108,9 +108,7 @@ impl Reaper {
                 };
                 let now = Instant::now();
                 let taken = batch.len();
-                let snooping = open
-                    && batch.iter().any(|(_, may_keep)| *may_keep)
-                    && snooping(&mut nl, bridge, &mut told_snooping);
+                let snooping = open && batch.iter().any(|(_, may_keep)| *may_keep) && snoop.on(&mut nl, bridge, now);
                 for (t, may_keep) in batch.drain(..) {
                     // Only this thread adds spares, so there is still room when it pushes.
                     let room = kept.lock().expect("spares").len() < keep;
@@ -254,21 +252,36 @@ const SYS_CLASS_NET: &str = "/sys/class/net";
 /// Whether the bridge snoops multicast, in which case no TAP is kept: disabling a port leaves
 /// the group memberships learned on it (only a port going down clears them), so a spare would
 /// pass its last client's groups on to the next. wsnic's own bridge never snoops; an adopted
-/// one may (`ip link add … type bridge` turns it on). Said once at info.
-fn snooping(nl: &mut Netlink, bridge: u32, told: &mut bool) -> bool {
-    let on = nl.bridge_snooping(bridge).unwrap_or_else(|e| {
-        log::debug!("reaper: is the bridge snooping multicast? {e}");
-        true // not known: keep nothing
-    });
-    if on && !*told {
-        *told = true;
-        log::info!(
-            "reaper: the bridge snoops multicast, so finished clients' TAPs are deleted rather than kept as \
-             spares (a spare would keep its last client's multicast groups); with snooping off, spares make \
-             reconnecting faster"
-        );
+/// one may (`ip link add … type bridge` turns it on). Asked of the kernel at most once a
+/// second; said once at info.
+#[derive(Default)]
+struct Snooping {
+    known: Option<(Instant, bool)>,
+    told: bool,
+}
+
+impl Snooping {
+    fn on(&mut self, nl: &mut Netlink, bridge: u32, now: Instant) -> bool {
+        if let Some((at, on)) = self.known {
+            if now.saturating_duration_since(at) < Duration::from_secs(1) {
+                return on;
+            }
+        }
+        let on = nl.bridge_snooping(bridge).unwrap_or_else(|e| {
+            log::debug!("reaper: is the bridge snooping multicast? {e}");
+            true // not known: keep nothing
+        });
+        self.known = Some((now, on));
+        if on && !self.told {
+            self.told = true;
+            log::info!(
+                "reaper: the bridge snoops multicast, so finished clients' TAPs are deleted rather than kept as \
+                 spares (a spare would keep its last client's multicast groups); with snooping off, spares make \
+                 reconnecting faster"
+            );
+        }
+        on
     }
-    on
 }
 
 /// A finished TAP whose bridge port could not be disabled is deleted, not kept. Said once at
