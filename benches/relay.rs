@@ -353,16 +353,19 @@ fn round_trip(s: &Settings, rows: &mut Vec<Row>) {
     // The same with ping, `wsnic connect` and the relay on one CPU: every wake-up on the path is
     // then a switch on a running CPU, not an interrupt to another (on a VM, a wake-up from idle
     // is tens of µs). This separates what the path costs from where the scheduler puts it.
-    let cpus = measure::cpu_count();
-    if cpus > 1 {
-        let pids = [t.relay_pid(), t.lab.connect_pids[g]];
-        let before: Vec<Vec<usize>> = pids.iter().map(|p| measure::affinity(*p)).collect();
-        for p in pids {
-            measure::set_affinity(p, &[cpus - 1]);
+    let allowed = measure::affinity(0).expect("this thread exists");
+    if let (true, Some(&cpu)) = (allowed.len() > 1, allowed.last()) {
+        let saved: Vec<(i32, Vec<usize>)> = [t.relay_pid(), t.lab.connect_pids[g]]
+            .into_iter()
+            .flat_map(measure::threads)
+            .filter_map(|tid| Some((tid, measure::affinity(tid)?)))
+            .collect();
+        for (tid, _) in &saved {
+            measure::set_affinity(*tid, &[cpu]);
         }
-        round_trip_rows(&t, g, s, Some(cpus - 1), rows);
-        for (p, cpus) in pids.iter().zip(&before) {
-            measure::set_affinity(*p, cpus);
+        round_trip_rows(&t, g, s, Some(cpu), rows);
+        for (tid, cpus) in &saved {
+            measure::set_affinity(*tid, cpus);
         }
     }
 }

@@ -672,13 +672,7 @@ fn the_reapers_backlog_counts_every_tap_until_it_is_kept_or_deleted() {
         let br = bridge_with_addr(&mut nl, "tbr0", "10.78.0.1/24");
         let reaper = Reaper::start(br, 4, Duration::from_secs(60)).unwrap();
         assert_eq!(reaper.backlog(), 0);
-        let taps: Vec<Tap> = (0..200)
-            .map(|_| {
-                let t = Tap::open("trp%d", false, false).unwrap();
-                nl.attach_up(t.index(), br).unwrap();
-                t
-            })
-            .collect();
+        let taps: Vec<Tap> = (0..200).map(|_| port_tap(&mut nl, br)).collect();
         // A MAC the bridge learned behind each port (the client's): gone once it is a spare.
         for (i, t) in taps.iter().enumerate() {
             let mac = format!("02:77:00:00:00:{i:02x}");
@@ -691,14 +685,7 @@ fn the_reapers_backlog_counts_every_tap_until_it_is_kept_or_deleted() {
             most = most.max(reaper.backlog());
         }
         assert!((1..=200).contains(&most), "backlog seen while reaping: {most}");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while reaper.backlog() != 0 && std::time::Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(reaper.backlog(), 0, "TAPs still counted as waiting for the reaper");
-        let left = run(&["ip", "-o", "link", "show"]);
-        let names: Vec<&str> =
-            left.lines().filter_map(|l| l.split(": ").nth(1)).filter(|n| n.starts_with("trp")).collect();
+        let names = settled_taps(&reaper);
         assert_eq!(names.len(), 4, "only the spares remain: {names:?}");
         for n in &names {
             let l = run(&["bridge", "link", "show", "dev", n]);
@@ -711,6 +698,13 @@ fn the_reapers_backlog_counts_every_tap_until_it_is_kept_or_deleted() {
         assert_eq!(reaper.backlog(), 0, "a spare taken is not waiting for the reaper");
         drop(spares);
     });
+}
+
+/// A TAP named `trp…`, attached to bridge `br` and up.
+fn port_tap(nl: &mut Netlink, br: u32) -> wsnic::sys::tap::Tap {
+    let t = wsnic::sys::tap::Tap::open("trp%d", false, false).unwrap();
+    nl.attach_up(t.index(), br).unwrap();
+    t
 }
 
 /// Wait (up to 20 s) until the reaper holds nothing it was handed; the `trp` devices left.
@@ -729,17 +723,11 @@ fn settled_taps(reaper: &wsnic::relay::reaper::Reaper) -> Vec<String> {
 #[test]
 fn a_discarded_tap_is_deleted_never_kept() {
     use wsnic::relay::reaper::Reaper;
-    use wsnic::sys::tap::Tap;
     in_netns(|| {
         let mut nl = Netlink::open().unwrap();
         let br = bridge_with_addr(&mut nl, "tbr0", "10.79.0.1/24");
         let reaper = Reaper::start(br, 4, Duration::from_secs(60)).unwrap();
-        let mut tap = || {
-            let t = Tap::open("trp%d", false, false).unwrap();
-            nl.attach_up(t.index(), br).unwrap();
-            t
-        };
-        let (a, b) = (tap(), tap());
+        let (a, b) = (port_tap(&mut nl, br), port_tap(&mut nl, br));
         reaper.reap(a);
         assert_eq!(settled_taps(&reaper).len(), 2, "a reaped TAP is kept, b is open");
         let spare = reaper.spare().expect("the reaped TAP, kept as a spare");
@@ -756,7 +744,6 @@ fn a_discarded_tap_is_deleted_never_kept() {
 #[test]
 fn on_a_bridge_running_stp_every_finished_tap_is_deleted() {
     use wsnic::relay::reaper::Reaper;
-    use wsnic::sys::tap::Tap;
     in_netns(|| {
         let mut nl = Netlink::open().unwrap();
         let br = bridge_with_addr(&mut nl, "tbr0", "10.80.0.1/24");
@@ -764,9 +751,7 @@ fn on_a_bridge_running_stp_every_finished_tap_is_deleted() {
         assert!(run(&["ip", "-d", "link", "show", "tbr0"]).contains("stp_state 1"), "STP on");
         let reaper = Reaper::start(br, 4, Duration::from_secs(60)).unwrap();
         for _ in 0..3 {
-            let t = Tap::open("trp%d", false, false).unwrap();
-            nl.attach_up(t.index(), br).unwrap();
-            reaper.reap(t);
+            reaper.reap(port_tap(&mut nl, br));
         }
         assert_eq!(settled_taps(&reaper), Vec::<String>::new(), "no spare kept under STP");
         assert!(reaper.spare().is_none());
@@ -778,7 +763,6 @@ fn on_a_bridge_running_stp_every_finished_tap_is_deleted() {
 #[test]
 fn no_spare_is_kept_while_the_bridge_snoops_multicast() {
     use wsnic::relay::reaper::Reaper;
-    use wsnic::sys::tap::Tap;
     in_netns(|| {
         let mut nl = Netlink::open().unwrap();
         run(&["ip", "link", "add", "tbr0", "type", "bridge", "mcast_snooping", "1"]);
@@ -786,19 +770,13 @@ fn no_spare_is_kept_while_the_bridge_snoops_multicast() {
         let br = nl.link_index("tbr0").unwrap().unwrap();
         assert!(nl.bridge_snooping(br).unwrap());
         let reaper = Reaper::start(br, 4, Duration::from_secs(60)).unwrap();
-        let mut reap = || {
-            let t = Tap::open("trp%d", false, false).unwrap();
-            nl.attach_up(t.index(), br).unwrap();
-            reaper.reap(t);
-        };
-        reap();
-        reap();
+        reaper.reap(port_tap(&mut nl, br));
+        reaper.reap(port_tap(&mut nl, br));
         assert_eq!(settled_taps(&reaper), Vec::<String>::new(), "no spare kept while the bridge snoops");
         run(&["ip", "link", "set", "tbr0", "type", "bridge", "mcast_snooping", "0"]);
-        let mut nl2 = Netlink::open().unwrap();
-        assert!(!nl2.bridge_snooping(br).unwrap());
+        assert!(!nl.bridge_snooping(br).unwrap());
         thread::sleep(Duration::from_millis(1100)); // the reaper asks at most once a second
-        reap();
+        reaper.reap(port_tap(&mut nl, br));
         assert_eq!(settled_taps(&reaper).len(), 1, "kept once snooping is off");
         assert!(reaper.spare().is_some());
     });

@@ -4,34 +4,39 @@
 
 use std::time::{Duration, Instant};
 
-/// CPUs this process may run on.
-pub fn cpu_count() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// The CPUs the main thread of `pid` may run on.
-pub fn affinity(pid: u32) -> Vec<usize> {
+/// The CPUs thread `tid` may run on (0: the calling thread); `None` if it has exited.
+pub fn affinity(tid: i32) -> Option<Vec<usize>> {
     // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity writes at most its size.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::sched_getaffinity(pid as libc::pid_t, std::mem::size_of_val(&set), &mut set) };
-    assert!(r == 0, "sched_getaffinity({pid}): {}", std::io::Error::last_os_error());
+    if unsafe { libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &mut set) } != 0 {
+        let e = std::io::Error::last_os_error();
+        assert!(e.raw_os_error() == Some(libc::ESRCH), "sched_getaffinity({tid}): {e}");
+        return None;
+    }
     // SAFETY: CPU_ISSET reads the set within its size.
-    (0..libc::CPU_SETSIZE as usize).filter(|c| unsafe { libc::CPU_ISSET(*c, &set) }).collect()
+    Some((0..libc::CPU_SETSIZE as usize).filter(|c| unsafe { libc::CPU_ISSET(*c, &set) }).collect())
 }
 
-/// Let every thread of `pid` run on `cpus` only.
-pub fn set_affinity(pid: u32, cpus: &[usize]) {
-    // SAFETY: as in `affinity`; CPU_SET writes within the set for CPUs under CPU_SETSIZE.
+/// Let thread `tid` run on `cpus` only; false if it has exited.
+pub fn set_affinity(tid: i32, cpus: &[usize]) -> bool {
+    // SAFETY: as in `affinity`; CPU_SET checks that the CPU is under CPU_SETSIZE.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for c in cpus {
         unsafe { libc::CPU_SET(*c, &mut set) };
     }
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap_or_else(|e| panic!("threads of {pid}: {e}"));
-    for tid in tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok()) {
-        // SAFETY: `set` is a valid cpu_set_t of the size given.
-        let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
-        assert!(r == 0, "sched_setaffinity({tid}): {}", std::io::Error::last_os_error());
+    // SAFETY: `set` is a valid cpu_set_t of the size given.
+    if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
+        let e = std::io::Error::last_os_error();
+        assert!(e.raw_os_error() == Some(libc::ESRCH), "sched_setaffinity({tid}): {e}");
+        return false;
     }
+    true
+}
+
+/// The threads of process `pid`, as `/proc/PID/task` lists them now.
+pub fn threads(pid: u32) -> Vec<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap_or_else(|e| panic!("threads of {pid}: {e}"));
+    tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
 }
 
 /// Ticks per second of `utime`/`stime` in `/proc/*/stat`.

@@ -561,6 +561,9 @@ impl Relay {
                 ) {
                     log::error!("{}: register TAP: {e}", p.peer);
                     self.shared.lock().release(ip);
+                    if let Some(r) = &self.reaper {
+                        r.discard(tap); // closing it here would block this thread for a grace period
+                    }
                     return self.refuse(i, p, Refused::TapFailed, Refusal::new(503, "wsnic: internal error\n"), now);
                 }
                 let via = if ip == p.peer.ip() { String::new() } else { format!(" for {ip}") };

@@ -60,7 +60,8 @@ pub struct Reaper {
     tx: Option<mpsc::Sender<Job>>,
     /// False once a thread request has shown that this host cannot give TAPs threads.
     threads_available: Arc<AtomicBool>,
-    /// TAPs handed over by [`Reaper::reap`] and not yet kept as spares or deleted.
+    /// TAPs handed over by [`Reaper::reap`] or [`Reaper::discard`] and not yet kept as spares
+    /// or deleted.
     backlog: Arc<AtomicUsize>,
     spares: Arc<Mutex<Vec<(Tap, Instant)>>>,
     thread: Option<JoinHandle<()>>,
@@ -88,7 +89,7 @@ impl Reaper {
             // Each TAP taken with whether it may be kept.
             let mut batch: Vec<(Tap, bool)> = Vec::with_capacity(BATCH);
             let mut doomed = Vec::new();
-            let mut told_unkept = false;
+            let mut unkept = Unkept::default();
             let mut snoop = Snooping::default();
             loop {
                 let wait = if kept.lock().expect("spares").is_empty() { Duration::from_secs(3600) } else { ttl / 2 };
@@ -108,7 +109,11 @@ impl Reaper {
                 };
                 let now = Instant::now();
                 let taken = batch.len();
-                let snooping = open && batch.iter().any(|(_, may_keep)| *may_keep) && snoop.on(&mut nl, bridge, now);
+                // Asked only when a TAP of this batch could be kept.
+                let could_keep = open
+                    && kept.lock().expect("spares").len() < keep
+                    && batch.iter().any(|(t, may_keep)| *may_keep && !t.is_threaded());
+                let snooping = could_keep && snoop.on(&mut nl, bridge, now);
                 for (t, may_keep) in batch.drain(..) {
                     // Only this thread adds spares, so there is still room when it pushes.
                     let room = kept.lock().expect("spares").len() < keep;
@@ -117,7 +122,7 @@ impl Reaper {
                         continue;
                     }
                     if let Err(e) = nl.set_port_forwarding(t.index(), false) {
-                        unkept(&t, &e, &mut told_unkept);
+                        unkept.say(&t, &e);
                         doomed.push(t);
                         continue;
                     }
@@ -169,10 +174,11 @@ impl Reaper {
         }
     }
 
-    /// TAPs handed to [`Reaper::reap`] that are not yet spares or deleted. Each is still a
-    /// port of the bridge, which holds at most 1023. Zero once the thread has died (nothing in
-    /// it is expected to panic): what it held closed with its channel, and [`Reaper::reap`] then closes
-    /// each TAP itself, so nobody waits for it.
+    /// TAPs handed to [`Reaper::reap`] or [`Reaper::discard`] that are not yet spares or
+    /// deleted. Each is still a port of the bridge, which holds at most 1023. Zero once the
+    /// thread has died (nothing in it is expected to panic): what it held closed with its
+    /// channel, and each TAP handed over then closes on the caller's thread, so nobody waits
+    /// for it.
     pub fn backlog(&self) -> usize {
         if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
             return 0;
@@ -258,6 +264,7 @@ const SYS_CLASS_NET: &str = "/sys/class/net";
 struct Snooping {
     known: Option<(Instant, bool)>,
     told: bool,
+    told_unknown: bool,
 }
 
 impl Snooping {
@@ -267,10 +274,19 @@ impl Snooping {
                 return on;
             }
         }
-        let on = nl.bridge_snooping(bridge).unwrap_or_else(|e| {
-            log::debug!("reaper: is the bridge snooping multicast? {e}");
-            true // not known: keep nothing
-        });
+        let on = match nl.bridge_snooping(bridge) {
+            Ok(on) => on,
+            Err(e) => {
+                // Not known: keep nothing this time.
+                if std::mem::replace(&mut self.told_unknown, true) {
+                    log::debug!("reaper: is the bridge snooping multicast? {e}");
+                } else {
+                    log::info!("reaper: cannot tell whether the bridge snoops multicast, so no spare is kept: {e}");
+                }
+                self.known = Some((now, true));
+                return true;
+            }
+        };
         self.known = Some((now, on));
         if on && !self.told {
             self.told = true;
@@ -285,24 +301,30 @@ impl Snooping {
 }
 
 /// A finished TAP whose bridge port could not be disabled is deleted, not kept. Said once at
-/// info: on a bridge that runs the kernel's STP (an adopted one; wsnic's own never does) every
-/// port's state is STP's, the kernel refuses each request with `EBUSY`, and no spare is ever
-/// kept, which costs every new client a TAP of its own.
-fn unkept(t: &Tap, e: &io::Error, told: &mut bool) {
-    if *told {
-        log::debug!("reaper: {}: {e}", t.name());
-        return;
+/// info, and once more if the reason is STP: on a bridge that runs the kernel's STP (an adopted
+/// one; wsnic's own never does) every port's state is STP's, the kernel refuses each request
+/// with `EBUSY`, and no spare is ever kept, which costs every new client a TAP of its own.
+#[derive(Default)]
+struct Unkept {
+    told: bool,
+    told_stp: bool,
+}
+
+impl Unkept {
+    fn say(&mut self, t: &Tap, e: &io::Error) {
+        let stp = e.raw_os_error() == Some(libc::EBUSY);
+        if self.told && (!stp || self.told_stp) {
+            log::debug!("reaper: {}: {e}", t.name());
+            return;
+        }
+        self.told = true;
+        self.told_stp |= stp;
+        let why = if stp { " (the kernel refuses this while the bridge runs STP: then no TAP is kept)" } else { "" };
+        log::info!(
+            "reaper: {}: its bridge port could not be disabled, so it is deleted rather than kept as a spare: {e}{why}",
+            t.name()
+        );
     }
-    *told = true;
-    let stp = if e.raw_os_error() == Some(libc::EBUSY) {
-        " (the kernel refuses this while the bridge runs STP: then no TAP is kept)"
-    } else {
-        ""
-    };
-    log::info!(
-        "reaper: {}: its bridge port could not be disabled, so it is deleted rather than kept as a spare: {e}{stp}",
-        t.name()
-    );
 }
 
 /// Read and discard what the kernel queued on `tap` before its bridge port stopped forwarding.
