@@ -5,7 +5,8 @@
 //! - (a) frames/s client→TAP and TAP→client, 64- and 1514-byte frames, 1/10/100 clients, with
 //!   (f) relay CPU-seconds per million frames and per GB;
 //! - (b) iperf3 TCP through a `wsnic connect` guest and NAT, both directions;
-//! - (c) the round-trip time the relay adds (ping through the relay vs over a plain veth);
+//! - (c) the round-trip time the relay adds (ping through the relay vs over a plain veth), as the
+//!   scheduler places ping, `wsnic connect` and the relay, and with all three on one CPU;
 //! - (d) connection setup: connections/s one at a time and 16 at once (also with 500 idle clients
 //!   attached) and how many TAPs each case created (the rest reused spares), connect-to-first-frame;
 //! - (e) relay memory per idle connection at 100 and 1000 clients.
