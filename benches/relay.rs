@@ -355,7 +355,8 @@ fn round_trip(s: &Settings, rows: &mut Vec<Row>) {
     // then a switch on a running CPU, not an interrupt to another (on a VM, a wake-up from idle
     // is tens of µs). This separates what the path costs from where the scheduler puts it.
     let allowed = measure::affinity(0).expect("this thread exists");
-    if let (true, Some(&cpu)) = (allowed.len() > 1, allowed.last()) {
+    if allowed.len() > 1 {
+        let cpu = allowed[allowed.len() - 1];
         let saved: Vec<(i32, Vec<usize>)> = [t.relay_pid(), t.lab.connect_pids[g]]
             .into_iter()
             .flat_map(measure::threads)

@@ -109,15 +109,11 @@ impl Reaper {
                 };
                 let now = Instant::now();
                 let taken = batch.len();
-                // Asked only when a TAP of this batch could be kept.
-                let could_keep = open
-                    && kept.lock().expect("spares").len() < keep
-                    && batch.iter().any(|(t, may_keep)| *may_keep && !t.is_threaded());
-                let snooping = could_keep && snoop.on(&mut nl, bridge, now);
                 for (t, may_keep) in batch.drain(..) {
-                    // Only this thread adds spares, so there is still room when it pushes.
+                    // Only this thread adds spares, so there is still room when it pushes. The
+                    // bridge is asked about snooping last: only for a TAP that could be kept.
                     let room = kept.lock().expect("spares").len() < keep;
-                    if !open || !room || !may_keep || snooping || t.is_threaded() {
+                    if !open || !room || !may_keep || t.is_threaded() || snoop.on(&mut nl, bridge, now) {
                         doomed.push(t);
                         continue;
                     }

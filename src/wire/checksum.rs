@@ -34,8 +34,9 @@ const AVX2_FROM: usize = 128;
 /// The sum of the native-endian u32 words of `words` (a multiple of 4 bytes long). With AVX2
 /// (checked at run time; the build targets baseline x86-64, SSE2) the same loop takes half the
 /// time: 22 against 43 ns for 1448 bytes in `cargo bench --bench offload` (data spread over
-/// 4 MiB), 98 against 39 GB/s with the data in the first-level cache; segments' payloads are
-/// summed at the rate the relay moves them.
+/// 4 MiB), 98 against 39 GB/s with the data in the first-level cache (the throwaway
+/// micro-benchmark of `AVX2_FROM`); segments' payloads are summed at the rate the relay moves
+/// them.
 fn sum_words(words: &[u8]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if words.len() >= AVX2_FROM && std::is_x86_feature_detected!("avx2") {
