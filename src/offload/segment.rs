@@ -11,7 +11,10 @@
 //! - TSO (TCPv4/TCPv6, with or without ECN) and USO (UDP over IPv4/IPv6): segments of
 //!   `gso_size` payload bytes, the last one shorter, each with its own IP length, IPv4
 //!   identification (first + i) and header checksum, and a full L4 checksum; TCP sequence
-//!   numbers advance, FIN and PSH stay on the last segment, CWR on the first.
+//!   numbers advance, FIN and PSH stay on the last segment, CWR on the first. The checksums of
+//!   each segment are the sums of the header fields all segments share (taken once per frame)
+//!   plus its own length, id, sequence number and flags, and its payload: the headers written
+//!   are never read back (a load right after the stores to the same bytes waits for them).
 //!
 //! The geometry comes from the packet itself (IHL, TCP data offset, IP length); `csum_start` and
 //! `csum_offset` must agree with it. `hdr_len` is ignored: the kernel fills it with its linear
@@ -105,11 +108,29 @@ pub struct Plan {
     hdr_len: usize,
     gso_size: usize,
     count: usize,
+    /// Sums of the header fields every segment shares, taken once from the frame so that no
+    /// segment's checksums are summed back from the bytes just written (which stalls on store
+    /// forwarding): the IPv4 header with its length, identification and checksum as zeros, and
+    /// the pseudo-header's addresses and protocol plus the L4 header with its checksum and
+    /// (TCP) sequence number and flags word, or (UDP) length, as zeros. Each segment adds its
+    /// own values of those fields, which gives the same sum as summing its header would.
+    ip_sum: u32,
+    l4_sum: u32,
 }
 
 /// Check `frame` against `hdr` and work out what it becomes.
 pub fn plan(hdr: &VnetHdr, frame: &[u8]) -> Result<Plan, Error> {
-    let one = |kind| Plan { kind, frame_len: frame.len(), v6: false, l4: 0, hdr_len: 0, gso_size: 0, count: 1 };
+    let one = |kind| Plan {
+        kind,
+        frame_len: frame.len(),
+        v6: false,
+        l4: 0,
+        hdr_len: 0,
+        gso_size: 0,
+        count: 1,
+        ip_sum: 0,
+        l4_sum: 0,
+    };
     let ecn = hdr.gso_type & GSO_ECN != 0;
     let (proto, v6) = match hdr.gso_type & !GSO_ECN {
         GSO_NONE if ecn => return Err(Error::UnsupportedGso),
@@ -162,7 +183,36 @@ pub fn plan(hdr: &VnetHdr, frame: &[u8]) -> Result<Plan, Error> {
         return Err(Error::TooManySegments);
     }
     let kind = if proto == PROTO_TCP { Kind::Tcp } else { Kind::Udp };
-    Ok(Plan { kind, frame_len: frame.len(), v6: ip.v6, l4: ip.l4, hdr_len, gso_size, count })
+    let (ip_sum, l4_sum) = shared_sums(frame, ip.v6, ip.l4, hdr_len, kind);
+    Ok(Plan { kind, frame_len: frame.len(), v6: ip.v6, l4: ip.l4, hdr_len, gso_size, count, ip_sum, l4_sum })
+}
+
+/// The sums of the header fields all segments share (see [`Plan`]): the fields that differ are
+/// zeroed in a copy of the headers (at most 60 + 60 bytes), which then is summed.
+fn shared_sums(frame: &[u8], v6: bool, l4: usize, hdr_len: usize, kind: Kind) -> (u32, u32) {
+    let mut ip_sum = 0;
+    if !v6 {
+        let mut h = [0u8; 60];
+        let h = &mut h[..l4 - ETH_LEN];
+        h.copy_from_slice(&frame[ETH_LEN..l4]);
+        h[2..6].fill(0); // total length, identification
+        h[10..12].fill(0); // header checksum
+        ip_sum = checksum::accumulate(0, h);
+    }
+    let mut h = [0u8; 60];
+    let h = &mut h[..hdr_len - l4];
+    h.copy_from_slice(&frame[l4..hdr_len]);
+    if kind == Kind::Tcp {
+        h[headers::TCP_SEQ..headers::TCP_SEQ + 4].fill(0);
+        h[headers::TCP_FLAGS - 1..headers::TCP_FLAGS + 1].fill(0); // data offset and flags
+        h[headers::TCP_CSUM..headers::TCP_CSUM + 2].fill(0);
+    } else {
+        h[4..6].fill(0); // length
+        h[headers::UDP_CSUM..headers::UDP_CSUM + 2].fill(0);
+    }
+    let proto = if kind == Kind::Tcp { PROTO_TCP } else { PROTO_UDP };
+    let l4_sum = checksum::accumulate(headers::pseudo(frame, v6, proto, 0), h);
+    (ip_sum, l4_sum)
 }
 
 /// Where a CHECKSUM_PARTIAL checksum starts and where it goes, if both lie inside the IP part.
@@ -248,35 +298,44 @@ impl Plan {
         let payload = &frame[from..from + (n - h)];
         out[..h].copy_from_slice(&frame[..h]);
         out[h..].copy_from_slice(payload);
+        // Only stores into `out` from here on: every sum comes from the plan and the values
+        // written (see `Plan`), never from reading back what was just written.
         if self.v6 {
             put16(out, ETH_LEN + 4, (n - ETH_LEN - headers::IPV6_LEN) as u16);
         } else {
-            put16(out, ETH_LEN + 2, (n - ETH_LEN) as u16);
-            put16(out, ETH_LEN + 4, be16(frame, ETH_LEN + 4).wrapping_add(i as u16));
-            headers::set_ipv4_checksum(out, l4);
+            let len = (n - ETH_LEN) as u16;
+            let id = be16(frame, ETH_LEN + 4).wrapping_add(i as u16);
+            put16(out, ETH_LEN + 2, len);
+            put16(out, ETH_LEN + 4, id);
+            put16(out, ETH_LEN + 10, checksum::finish(self.ip_sum + u32::from(len) + u32::from(id)));
         }
-        let (proto, field) = if self.kind == Kind::Tcp {
+        let l4_len = (n - l4) as u32;
+        // The pseudo-header's length (the plan's sum holds its addresses and protocol).
+        let mut sum = self.l4_sum + (l4_len >> 16) + (l4_len & 0xffff);
+        let field = if self.kind == Kind::Tcp {
             let seq = u32::from_be_bytes(frame[l4 + 4..l4 + 8].try_into().expect("4 bytes"));
             let seq = seq.wrapping_add((i * self.gso_size) as u32);
             out[l4 + headers::TCP_SEQ..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+            let mut flags = frame[l4 + headers::TCP_FLAGS];
             if i + 1 < self.count {
-                out[l4 + headers::TCP_FLAGS] &= !(TCP_FIN | TCP_PSH);
+                flags &= !(TCP_FIN | TCP_PSH);
             }
             if i > 0 {
-                out[l4 + headers::TCP_FLAGS] &= !TCP_CWR;
+                flags &= !TCP_CWR;
             }
-            (PROTO_TCP, l4 + headers::TCP_CSUM)
+            out[l4 + headers::TCP_FLAGS] = flags;
+            let word = u16::from_be_bytes([frame[l4 + headers::TCP_FLAGS - 1], flags]);
+            sum += (seq >> 16) + (seq & 0xffff) + u32::from(word);
+            l4 + headers::TCP_CSUM
         } else {
-            put16(out, l4 + 4, (n - l4) as u16);
-            (PROTO_UDP, l4 + headers::UDP_CSUM)
+            put16(out, l4 + 4, l4_len as u16);
+            sum += l4_len;
+            l4 + headers::UDP_CSUM
         };
-        put16(out, field, 0);
-        // The L4 header is a multiple of 4 bytes long, so its sum and the payload's chain.
-        let sum = headers::pseudo(out, self.v6, proto, n - l4);
-        let sum = checksum::accumulate(checksum::accumulate(sum, &out[l4..h]), payload);
-        let c = checksum::finish(sum);
+        // The L4 header is a multiple of 4 bytes long, so the payload's sum chains onto it.
+        let c = checksum::finish(checksum::accumulate(sum, payload));
         // UDP reserves 0 for "no checksum"; TCP keeps what the fold gives, as Linux's GSO does.
-        put16(out, field, if c == 0 && proto == PROTO_UDP { 0xffff } else { c });
+        put16(out, field, if c == 0 && self.kind == Kind::Udp { 0xffff } else { c });
     }
 }
 
