@@ -17,6 +17,11 @@
 //! `WSNIC_BENCH_RELAY_ARGS` / `WSNIC_BENCH_CONNECT_ARGS` add arguments to the relay / to
 //! `wsnic connect` (split on whitespace). `WSNIC_BENCH_UPLINK_NAPI=1` runs the uplink peer's
 //! receive in a NAPI thread of its own instead of in the relay's system calls (section b).
+//! `WSNIC_BENCH_CC=cubic` (or any algorithm the kernel has) sets the TCP congestion control of
+//! every namespace the benchmark makes; otherwise they inherit the machine's, which the title
+//! names. It matters: BBR paces each socket with a timer of its own (there is no `fq` qdisc on a
+//! veth), and the relay's CPU per GB in section b was 1.3–2.4× what it is under cubic on the
+//! benchmark machine (docs/performance.md).
 
 #[path = "../tests/support/mod.rs"]
 mod test_support;
@@ -51,6 +56,7 @@ fn main() {
     let machine = measure::machine_description();
     eprintln!("{machine}");
     eprintln!("relay args: {}", settings.relay_argv().join(" "));
+    eprintln!("{}", settings.cc_note());
     let started = Instant::now();
     let mut rows = Vec::new();
     let sections: [(char, Section); 5] =
@@ -62,10 +68,11 @@ fn main() {
         }
     }
     let title = format!(
-        "wsnic relay benchmark (`cargo bench --bench relay`): relay args `{}`; connect args `{}`; {}; median of {} runs × {} s; {:.0} s in all",
+        "wsnic relay benchmark (`cargo bench --bench relay`): relay args `{}`; connect args `{}`; {}; {}; median of {} runs × {} s; {:.0} s in all",
         settings.relay_argv().join(" "),
         settings.connect_args.join(" "),
         settings.uplink_note(),
+        settings.cc_note(),
         settings.runs,
         settings.secs,
         started.elapsed().as_secs_f64()

@@ -30,6 +30,9 @@ pub struct Settings {
     /// `WSNIC_BENCH_UPLINK_NAPI=1`: the uplink peer receives in a NAPI thread of its own
     /// (see `uplink_peer_in_own_thread`).
     pub uplink_napi: bool,
+    /// `WSNIC_BENCH_CC`: the TCP congestion control of every namespace the benchmark makes
+    /// (`net.ipv4.tcp_congestion_control`); otherwise they inherit the machine's.
+    pub cc: Option<String>,
 }
 
 impl Settings {
@@ -55,6 +58,7 @@ impl Settings {
             relay_args: words("WSNIC_BENCH_RELAY_ARGS"),
             connect_args: words("WSNIC_BENCH_CONNECT_ARGS"),
             uplink_napi: var("WSNIC_BENCH_UPLINK_NAPI").is_some_and(|v| v != "0"),
+            cc: var("WSNIC_BENCH_CC").map(|v| checked_cc(v.trim())),
         }
     }
 
@@ -64,6 +68,14 @@ impl Settings {
             "uplink peer receives in a NAPI thread of its own (GRO on, TSO off on uplink0)"
         } else {
             "uplink peer receives in the sender's system call (veth default)"
+        }
+    }
+
+    /// Which TCP congestion control the namespaces use, for the table's title.
+    pub fn cc_note(&self) -> String {
+        match &self.cc {
+            Some(cc) => format!("TCP congestion control {cc} (`WSNIC_BENCH_CC`)"),
+            None => format!("TCP congestion control {} (the machine's)", machine_cc()),
         }
     }
 
@@ -92,6 +104,23 @@ impl Settings {
         v.extend(self.relay_args.iter().cloned());
         v
     }
+}
+
+/// `cc` if the kernel has it (loaded: `tcp_available_congestion_control`); exits otherwise.
+fn checked_cc(cc: &str) -> String {
+    let have = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control").unwrap_or_default();
+    if !have.split_whitespace().any(|c| c == cc) {
+        eprintln!("WSNIC_BENCH_CC: {cc:?} is not a congestion control this kernel has loaded ({})", have.trim());
+        std::process::exit(2);
+    }
+    cc.to_string()
+}
+
+/// The machine's TCP congestion control, which new namespaces inherit.
+pub fn machine_cc() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Namespaces to remove if the benchmark is interrupted (Ctrl-C, SIGTERM): Drop does not run then.
@@ -170,6 +199,9 @@ impl Topo {
         track(&lab.upl);
         if settings.uplink_napi {
             uplink_peer_in_own_thread(&lab);
+        }
+        if let Some(cc) = &settings.cc {
+            lab.set_sysctl_everywhere("net.ipv4.tcp_congestion_control", cc);
         }
         // The lab starts its relay with -v; replace it by one at normal verbosity.
         if let Some(w) = lab.wsnic.take() {

@@ -19,6 +19,9 @@ pub struct Lab {
     pub wsnic: Option<Wsnic>,
     pub relay_args: Vec<String>,
     pub logs: PathBuf,
+    /// Sysctls set in every namespace of the lab: the ones it has and each guest's before its
+    /// `wsnic connect` starts ([`Lab::set_sysctl_everywhere`]).
+    sysctls: Vec<(String, String)>,
 }
 
 impl Lab {
@@ -33,7 +36,16 @@ impl Lab {
         let logs = std::env::temp_dir().join(format!("wsnic-lab-{}", relay.name));
         std::fs::create_dir_all(&logs).unwrap();
         let relay_args = relay_args.iter().map(|s| s.to_string()).collect();
-        let mut lab = Lab { relay, upl, guests: Vec::new(), connect_pids: Vec::new(), wsnic: None, relay_args, logs };
+        let mut lab = Lab {
+            relay,
+            upl,
+            guests: Vec::new(),
+            connect_pids: Vec::new(),
+            wsnic: None,
+            relay_args,
+            logs,
+            sysctls: Vec::new(),
+        };
         lab.start_relay();
         lab
     }
@@ -43,6 +55,17 @@ impl Lab {
         let mut args = vec!["--ws-server-addr", "0.0.0.0"];
         args.extend(self.relay_args.iter().map(String::as_str));
         self.wsnic = Some(Wsnic::start_logging(&self.relay, &args, log));
+    }
+
+    /// Set `name` to `value` in the relay's, the uplink's and every guest's namespace, now and in
+    /// each guest added later (before its `wsnic connect` starts). A TCP socket takes the
+    /// namespace's congestion control when it is created or accepted, so setting that one here
+    /// reaches every connection the relay accepts afterwards.
+    pub fn set_sysctl_everywhere(&mut self, name: &str, value: &str) {
+        for ns in [&self.relay, &self.upl].into_iter().chain(&self.guests) {
+            ns.set_sysctl(name, value);
+        }
+        self.sysctls.push((name.to_string(), value.to_string()));
     }
 
     pub fn relay_log(&self) -> String {
@@ -60,6 +83,9 @@ impl Lab {
     pub fn add_guest_with(&mut self, tap: &str, mac: &str, url: &dyn Fn(&str) -> String, extra: &[&str]) -> usize {
         let i = self.guests.len();
         let g = Netns::new(&format!("g{i}"));
+        for (name, value) in &self.sysctls {
+            g.set_sysctl(name, value);
+        }
         let (r_ip, g_ip) = (format!("203.0.113.{}", 4 * i + 1), format!("203.0.113.{}", 4 * i + 2));
         let ctl = format!("ctl{i}");
         self.relay.veth(&ctl, &g, "ctl0");
