@@ -17,11 +17,12 @@
 //! `WSNIC_BENCH_RELAY_ARGS` / `WSNIC_BENCH_CONNECT_ARGS` add arguments to the relay / to
 //! `wsnic connect` (split on whitespace). `WSNIC_BENCH_UPLINK_NAPI=1` runs the uplink peer's
 //! receive in a NAPI thread of its own instead of in the relay's system calls (section b).
-//! `WSNIC_BENCH_CC=cubic` (or any algorithm the kernel has) sets the TCP congestion control of
-//! every namespace the benchmark makes; otherwise they inherit the machine's, which the title
-//! names. It matters: BBR paces each socket with a timer of its own (there is no `fq` qdisc on a
-//! veth), and the relay's CPU per GB in section b was 1.3–2.4× what it is under cubic on the
-//! benchmark machine (docs/performance.md).
+//! `WSNIC_BENCH_CC=cubic` (or any algorithm in `net.ipv4.tcp_allowed_congestion_control`) sets
+//! the TCP congestion control of every namespace the benchmark makes; otherwise they inherit the
+//! machine's, which the title names. It matters: BBR paces each socket with a timer of its own
+//! (veths default to `noqueue`, and the benchmark adds no `fq` qdisc), and on the benchmark
+//! machine the relay's CPU per GB in section b was 1.25–2.4× (medians) what it is under cubic
+//! (docs/performance.md).
 
 #[path = "../tests/support/mod.rs"]
 mod test_support;

@@ -106,11 +106,12 @@ impl Settings {
     }
 }
 
-/// `cc` if the kernel has it (loaded: `tcp_available_congestion_control`); exits otherwise.
+/// `cc` if a namespace other than the machine's may choose it (`tcp_allowed_congestion_control`);
+/// exits otherwise.
 fn checked_cc(cc: &str) -> String {
-    let have = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control").unwrap_or_default();
+    let have = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control").unwrap_or_default();
     if !have.split_whitespace().any(|c| c == cc) {
-        eprintln!("WSNIC_BENCH_CC: {cc:?} is not a congestion control this kernel has loaded ({})", have.trim());
+        eprintln!("WSNIC_BENCH_CC: {cc:?} is not in net.ipv4.tcp_allowed_congestion_control ({})", have.trim());
         std::process::exit(2);
     }
     cc.to_string()

@@ -294,6 +294,12 @@ impl Plan {
 
     fn write_segment(&self, frame: &[u8], i: usize, out: &mut [u8]) {
         let (h, l4, n) = (self.hdr_len, self.l4, out.len());
+        // The sums are the planned frame's: another frame of the same length would get wrong ones.
+        debug_assert_eq!(
+            shared_sums(frame, self.v6, l4, h, self.kind),
+            (self.ip_sum, self.l4_sum),
+            "not the planned frame"
+        );
         let from = h + i * self.gso_size;
         let payload = &frame[from..from + (n - h)];
         out[..h].copy_from_slice(&frame[..h]);
