@@ -320,7 +320,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "dhcp_lease_file",
         default: "",
-        help: "file that keeps DHCP leases across restarts, rewritten atomically on every change (empty: none)",
+        help: "file that keeps DHCP leases across restarts, rewritten atomically at most once a second (empty: none)",
     },
     Key {
         name: "dhcp_lease_grace",

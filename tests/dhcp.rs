@@ -317,6 +317,7 @@ fn lease_file_survives_restart_and_kill_9() {
     let mut a = Guest::connect(&ns, guest_mac(42), Ipv4Addr::UNSPECIFIED);
     let ip = a.dhcp(1).unwrap();
     drop(a);
+    assert!(eventually(5 * SEC, || lease_file_text(&file).contains(&ip.to_string())), "lease written");
     // Churn leases while the server is killed: the file is never torn.
     let ns_name = ns.name.clone();
     let churn = std::thread::spawn(move || {
@@ -347,5 +348,28 @@ fn lease_file_survives_restart_and_kill_9() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(file.to_str().unwrap()), "{err}");
     assert!(!ns.link_exists("wsnicbr0"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The lease writer rewrites the file within about a second of a change, off the event loop,
+/// and once more at exit: a lease released just before SIGTERM is gone from the file after it.
+#[test]
+fn lease_file_is_written_within_a_second_and_at_exit() {
+    let ns = Netns::new("leasew");
+    let dir = std::env::temp_dir().join(format!("wsnic-leasew-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("leases");
+    let w = Wsnic::start(&ns, &["--dhcp-lease-file", file.to_str().unwrap()]);
+    let mut g = Guest::connect(&ns, guest_mac(77), Ipv4Addr::UNSPECIFIED);
+    let ip = g.dhcp(1).unwrap();
+    assert!(eventually(5 * SEC, || lease_file_text(&file).contains(&ip.to_string())), "lease written");
+    let gw = Some(Ipv4Addr::new(192, 168, 2, 1));
+    g.send(frames::dhcp_client(7, g.mac, 2, None, gw, ip));
+    // A DISCOVER answered after the RELEASE on the same connection: the RELEASE was handled.
+    g.send(frames::dhcp_client(1, g.mac, 3, None, None, Ipv4Addr::UNSPECIFIED));
+    assert!(g.recv_until(5 * SEC, |f| frames::dhcp_reply(f, 3).is_some()).is_some(), "no OFFER");
+    assert_eq!(w.stop(), 0);
+    let text = lease_file_text(&file);
+    assert!(!text.contains(&ip.to_string()), "the release was written at exit: {text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -304,7 +304,6 @@ impl Relay {
                     self.shared.send(old_worker, Command::Takeover { old, new, new_worker: self.me, mac });
                 }
             }
-            self.policy.after_pass();
             self.free.append(&mut self.freed);
             if self.accept_paused && !self.reaper_full() {
                 self.accept_paused = false;

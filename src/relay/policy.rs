@@ -136,22 +136,11 @@ pub struct Policy {
     pub drops: [u64; 7],
     /// DHCP messages from clients by type (index: the message type, 1..=8; 0: other).
     pub dhcp_messages: [u64; 9],
-    /// The leases may have changed since the lease file was written.
-    leases_touched: bool,
 }
 
 impl Policy {
     pub fn new(shared: Arc<Shared>, me: usize, dhcp: Option<Dhcp>, anti_spoofing: bool) -> Policy {
-        Policy {
-            shared,
-            me,
-            dhcp,
-            anti_spoofing,
-            takeovers: Vec::new(),
-            drops: [0; 7],
-            dhcp_messages: [0; 9],
-            leases_touched: false,
-        }
+        Policy { shared, me, dhcp, anti_spoofing, takeovers: Vec::new(), drops: [0; 7], dhcp_messages: [0; 9] }
     }
 
     /// A client connected from `ip`.
@@ -177,7 +166,6 @@ impl Policy {
         }
         if let Some(d) = &mut s.dhcp {
             d.connection_closed(conn, unix_now());
-            self.leases_touched = true;
         }
     }
 
@@ -187,15 +175,6 @@ impl Policy {
             if let Some(d) = &mut self.shared.lock().dhcp {
                 d.expire(unix_now());
             }
-            self.leases_touched = true;
-        }
-    }
-
-    /// After every event-loop pass: at most one lease-file write per pass, and none (nor the
-    /// lock) when this worker changed nothing.
-    pub fn after_pass(&mut self) {
-        if std::mem::take(&mut self.leases_touched) {
-            self.shared.save_leases();
         }
     }
 
@@ -332,7 +311,6 @@ impl Inspector for Policy {
         let Some(server) = &mut s.dhcp else { return Verdict::Forward };
         let reply = server.handle(conn, req.src_mac, req.broadcast, &msg, unix_now());
         drop(s);
-        self.leases_touched = true;
         st.epoch = None; // the exchange may have bound or released an address
         st.claim = None;
         let Some(d) = &mut self.dhcp else { return Verdict::Forward };

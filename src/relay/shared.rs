@@ -252,8 +252,14 @@ impl Shared {
         all
     }
 
+    /// Is there a lease file to keep?
+    pub fn keeps_leases(&self) -> bool {
+        self.lease_file.is_some()
+    }
+
     /// Rewrite the lease file if the leases changed. The leases are copied under the lock and
     /// written outside it, one writer at a time, so the newest copy is always written last.
+    /// Called by the lease writer ([`super::workers`]), never by an event loop: it fsyncs.
     pub fn save_leases(&self) {
         let Some(path) = &self.lease_file else { return };
         let _one_writer = self.saving.lock().unwrap_or_else(|e| e.into_inner());

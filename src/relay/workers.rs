@@ -11,6 +11,9 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// How often the lease writer looks for changed leases: the most a crash can lose.
+const LEASE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+
 use mio::{Poll, Waker};
 
 use super::event_loop::{Relay, Settings, WAKER};
@@ -52,6 +55,27 @@ pub struct DhcpSetup {
 pub struct Workers {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<io::Result<()>>>,
+    /// The lease writer (with a lease file): dropping the sender stops it after a last write.
+    leases: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+}
+
+/// The lease writer: rewrites the lease file (temp file, fsync, rename, fsync) at most once
+/// per [`LEASE_WRITE_INTERVAL`] when the leases changed, so that no event loop ever waits for
+/// the disk however often clients renew; once more when told to stop.
+fn start_lease_writer(shared: &Arc<Shared>) -> io::Result<Option<(mpsc::Sender<()>, JoinHandle<()>)>> {
+    if !shared.keeps_leases() {
+        return Ok(None);
+    }
+    let (stop, stopped) = mpsc::channel::<()>();
+    let shared = shared.clone();
+    let t = std::thread::Builder::new().name("leases".into()).spawn(move || loop {
+        let last = !matches!(stopped.recv_timeout(LEASE_WRITE_INTERVAL), Err(mpsc::RecvTimeoutError::Timeout));
+        shared.save_leases();
+        if last {
+            return;
+        }
+    })?;
+    Ok(Some((stop, t)))
 }
 
 /// Wakes the main thread when a worker's thread ends, however it ends (error or panic).
@@ -82,6 +106,7 @@ impl Workers {
             None => (None, None, None),
         };
         let shared = Arc::new(Shared::new(server, lease_file, wakers, main));
+        let leases = start_lease_writer(&shared)?;
         // Every event loop is built before any thread starts, so a failure leaves none running.
         let mut relays = Vec::with_capacity(n);
         for (i, (poll, l)) in polls.into_iter().zip(listeners).enumerate() {
@@ -107,13 +132,13 @@ impl Workers {
             match t {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    let w = Workers { shared, threads };
+                    let w = Workers { shared, threads, leases };
                     let _ = w.stop();
                     return Err(e);
                 }
             }
         }
-        Ok(Workers { shared, threads })
+        Ok(Workers { shared, threads, leases })
     }
 
     /// New settings for every worker; returns once all have them in force.
@@ -132,7 +157,8 @@ impl Workers {
         }
     }
 
-    /// Close every client (1001) and drop every TAP, on every worker; wait for all.
+    /// Close every client (1001) and drop every TAP, on every worker; wait for all; then write
+    /// the leases a last time (every client's now in its grace period).
     pub fn stop(self) -> Result<(), String> {
         for w in 0..self.threads.len() {
             self.shared.send(w, Command::Shutdown);
@@ -143,6 +169,12 @@ impl Workers {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => result = Err(format!("event loop: {e}")),
                 Err(_) => result = Err("an event loop panicked".to_string()),
+            }
+        }
+        if let Some((stop, t)) = self.leases {
+            drop(stop);
+            if t.join().is_err() {
+                result = Err("the lease writer panicked".to_string());
             }
         }
         result
