@@ -693,3 +693,57 @@ fn new_connections_wait_while_the_reaper_is_behind() {
     assert!(eventually(10 * SEC, || ns.bridge_ports("wsnicbr0").len() == 1), "{:?}", ns.bridge_ports("wsnicbr0"));
     w.assert_running();
 }
+
+/// A client still sending when the relay ends it (a frame over the size limit, its payload
+/// still arriving) gets its Close and then a clean end of stream, never a reset: the relay
+/// reads and throws away what it still sends until it closes (a lingering close). Closing
+/// with that input unread would have answered with a reset.
+#[test]
+fn a_client_ended_while_sending_gets_its_close_not_a_reset() {
+    let ns = Netns::new("linger");
+    let mut w = Wsnic::start(&ns, &[]);
+    let mut s = raw_ws(&ns);
+    // The header says 4 MiB: refused from the header alone (1009); the rest keeps coming.
+    let frame = client_frame(2, &vec![0u8; 4 << 20]);
+    s.write_all(&frame).expect("the relay takes what the client still sends (no reset)");
+    let close = loop {
+        match read_frame(&mut s).expect("frames, then a Close (no reset)") {
+            (8, p) => break p,
+            _ => continue,
+        }
+    };
+    assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1009);
+    let mut b = [0u8; 64];
+    assert_eq!(s.read(&mut b).expect("an end of stream, not a reset"), 0);
+    w.wait_log("frame too big", 5 * SEC);
+    assert_eq!(w.stop(), 0);
+}
+
+/// SIGTERM while a client has frames queued that it has not read yet: the relay keeps
+/// running (for up to 2 s) while the client reads them, so it gets every whole frame and
+/// then the Close (1001), not a stream cut short.
+#[test]
+fn sigterm_flushes_a_busy_client_and_its_close() {
+    let ns = Netns::new("stopflush");
+    let mut w = Wsnic::start(&ns, &[]);
+    let mut sleeper = raw_ws(&ns);
+    let mut g = Guest::connect(&ns, mac(51), ip(51));
+    // To mac(50), unknown to the bridge, so flooded to the sleeper, which reads nothing yet:
+    // its socket and the relay's output buffer fill up.
+    flood(&mut g, mac(50), 5_000);
+    std::thread::sleep(Duration::from_millis(300));
+    w.signal("TERM");
+    let mut frames = 0;
+    let close = loop {
+        match read_frame(&mut sleeper).expect("whole frames, then a Close (the stream is not cut short)") {
+            (8, p) => break p,
+            _ => frames += 1,
+        }
+    };
+    assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1001, "after {frames} frames");
+    assert!(frames > 100, "the flood reached the sleeper: {frames} frames");
+    let mut b = [0u8; 64];
+    assert_eq!(sleeper.read(&mut b).expect("an end of stream, not a reset"), 0);
+    drop(g);
+    assert_eq!(w.wait_exit(), 0);
+}

@@ -4,7 +4,11 @@
 //! Tokens: slot `i` uses `2i` for its socket and `2i+1` for its TAP. Clients that used up
 //! their per-pass budget sit in a run queue and are served again before the loop sleeps.
 //! Timers (handshake timeout, keepalive, lingering closes) are checked by a sweep once a
-//! second, which costs nothing per frame.
+//! second, which costs nothing per frame. A connection that is done (a client after its
+//! Close, a refused handshake, an HTTP answer) lingers in its slot ([`super::linger`]) until
+//! the peer closes too or `LINGER` passes, so that closing never resets what it was last sent.
+//! Shutdown sends every client a Close (1001) and keeps the loop running until they are
+//! flushed and closed, for `LINGER` at most.
 //!
 //! With `workers = N` there are N of these, one per thread, each with its own listening
 //! socket on the same port (SO_REUSEPORT): a worker owns the connections the kernel hands it
@@ -12,7 +16,7 @@
 //! from other workers (shutdown, reload, takeovers) arrive through a `mio::Waker`.
 
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +26,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::bufpool::BufPool;
+use super::linger::Lingering;
 use super::pipe::{Ending, Pipe, Progress};
 use super::policy::{Policy, Takeover};
 use super::reaper::Reaper;
@@ -44,8 +49,11 @@ const MAX_PENDING: usize = 1024;
 /// A MAC moves to a new connection of the same client only if its old connection has been
 /// silent this long (a browser VM that reconnected; an active one is not evicted).
 const TAKEOVER_SILENCE: Duration = Duration::from_secs(5);
-/// How long a closing connection may take to flush its last frames.
+/// How long a closing connection may take to flush its last frames, and then how long it may
+/// linger for the peer to close its side; also how long a shutdown waits for its clients.
 const LINGER: Duration = Duration::from_secs(2);
+/// Connections lingering at once, at most; past it, a finished one is closed as it is.
+const MAX_LINGERING: usize = 1024;
 const TICK: Duration = Duration::from_secs(1);
 /// A client that sends its TAP this many frames between two ticks is busy: its TAP gets a
 /// kernel thread (`tap_threads`). An interactive client stays well under it, and keeps the
@@ -62,6 +70,8 @@ const SPARE_TTL: Duration = Duration::from_secs(2);
 const MAX_REAPING: usize = 16;
 /// How often a worker that stopped accepting looks again whether the reaper has caught up.
 const REAPING_RECHECK: Duration = Duration::from_millis(5);
+/// How often a worker that is shutting down looks whether its clients are all closed.
+const STOP_RECHECK: Duration = Duration::from_millis(20);
 /// Free buffers kept for reuse.
 const POOL_KEEP_BYTES: usize = 16 << 20;
 
@@ -101,6 +111,7 @@ enum Slot {
     Free,
     Pending(Pending),
     Client(Box<Pipe>),
+    Lingering(Lingering),
 }
 
 pub struct Relay {
@@ -145,6 +156,11 @@ pub struct Relay {
     reaper: Option<Reaper>,
     /// New connections are left in the listen queue until the reaper catches up.
     accept_paused: bool,
+    /// Slots holding a lingering connection.
+    lingering: usize,
+    /// Shutting down since then: no new connections; the loop ends once every client is
+    /// closed, or `LINGER` after this.
+    stopping: Option<Instant>,
 }
 
 fn sock_token(i: usize) -> Token {
@@ -204,6 +220,8 @@ impl Relay {
             totals: Default::default(),
             reaper: None,
             accept_paused: false,
+            lingering: 0,
+            stopping: None,
         })
     }
 
@@ -250,6 +268,9 @@ impl Relay {
             if self.accept_paused {
                 timeout = timeout.min(REAPING_RECHECK);
             }
+            if self.stopping.is_some() {
+                timeout = timeout.min(STOP_RECHECK);
+            }
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -268,12 +289,12 @@ impl Relay {
             }
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(now, false),
-                    LISTENER_TLS => self.accept(now, true),
+                    LISTENER if self.stopping.is_none() => self.accept(now, false),
+                    LISTENER_TLS if self.stopping.is_none() => self.accept(now, true),
+                    LISTENER | LISTENER_TLS => {}
                     WAKER => {
-                        if self.commands(now) {
-                            self.shutdown();
-                            return Ok(());
+                        if self.commands(now) && self.stopping.is_none() {
+                            self.begin_stop(now);
                         }
                     }
                     Token(t) => {
@@ -290,6 +311,12 @@ impl Relay {
                                 }
                                 self.schedule(i);
                             }
+                            Some(Slot::Lingering(l)) => {
+                                let done = l.progress();
+                                if done {
+                                    self.unlinger(i);
+                                }
+                            }
                             _ => {}
                         }
                     }
@@ -305,7 +332,7 @@ impl Relay {
                 }
             }
             self.free.append(&mut self.freed);
-            if self.accept_paused && !self.reaper_full() {
+            if self.accept_paused && !self.reaper_full() && self.stopping.is_none() {
                 self.accept_paused = false;
                 self.accept(now, false);
                 self.accept(now, true);
@@ -313,6 +340,12 @@ impl Relay {
             if now >= next_tick {
                 self.tick(now);
                 next_tick = now + TICK;
+            }
+            if let Some(since) = self.stopping {
+                if (self.clients == 0 && self.lingering == 0) || now.saturating_duration_since(since) >= LINGER {
+                    self.shutdown();
+                    return Ok(());
+                }
             }
         }
     }
@@ -635,7 +668,7 @@ impl Relay {
 
     /// A plain HTTP GET: `/healthz` for anyone; `/` (status page) and `/metrics` for
     /// `status_allow`; anything else gets the "this is a WebSocket relay" text.
-    fn serve_http(&mut self, i: usize, mut p: Pending, target: &str, now: Instant) {
+    fn serve_http(&mut self, i: usize, p: Pending, target: &str, now: Instant) {
         let path = target.split('?').next().unwrap_or("/");
         let allowed = self.settings.status_allow.iter().any(|c| c.contains(p.peer.ip()));
         let response = match path {
@@ -664,11 +697,51 @@ impl Relay {
             _ => handshake::plain_http_refusal().response(),
         };
         log::debug!("{}: HTTP GET {path}", p.peer);
-        // Best effort, like a refusal; the socket buffer takes a status page of hundreds of clients.
-        let _ = p.sock.write(&response);
-        let _ = p.sock.shutdown(Shutdown::Write);
-        let _ = self.poll.registry().deregister(&mut p.sock);
-        self.freed.push(i);
+        self.linger(i, p.sock, response, now);
+    }
+
+    /// Slot `i`'s connection is done: write `out` (what we still owe it) as the socket takes
+    /// it, shut our side down, and keep the socket until the peer closes or `LINGER` passes
+    /// (see [`super::linger`]). Past `MAX_LINGERING`, only what the socket takes at once.
+    fn linger(&mut self, i: usize, sock: Transport, out: Vec<u8>, now: Instant) {
+        let mut l = Lingering::new(sock, out, now + LINGER);
+        if l.progress() || self.lingering >= MAX_LINGERING {
+            let _ = self.poll.registry().deregister(l.sock());
+            self.slots[i] = Slot::Free;
+            self.freed.push(i);
+            return;
+        }
+        self.slots[i] = Slot::Lingering(l);
+        self.lingering += 1;
+    }
+
+    /// A lingering connection is over: close it, free its slot.
+    fn unlinger(&mut self, i: usize) {
+        if let Slot::Lingering(mut l) = std::mem::replace(&mut self.slots[i], Slot::Free) {
+            let _ = self.poll.registry().deregister(l.sock());
+            self.lingering -= 1;
+            self.freed.push(i);
+        }
+    }
+
+    /// Shutdown begins: every client is sent a Close (1001) and flushed as its socket allows;
+    /// handshakes in progress are dropped; no connection is accepted any more.
+    fn begin_stop(&mut self, now: Instant) {
+        self.stopping = Some(now);
+        for i in 0..self.slots.len() {
+            match &self.slots[i] {
+                Slot::Pending(p) => {
+                    let ip = p.peer.ip();
+                    self.slots[i] = Slot::Free;
+                    self.pending_done(ip);
+                    self.freed.push(i);
+                }
+                Slot::Client(_) => {
+                    self.end(i, Ending::new("server shutting down", Some(close_code::GOING_AWAY)), now);
+                }
+                _ => {}
+            }
+        }
     }
 
     /// This worker's clients and counters, as of `now`.
@@ -760,7 +833,7 @@ impl Relay {
         }
     }
 
-    fn refuse(&mut self, i: usize, mut p: Pending, why: Refused, r: Refusal, now: Instant) {
+    fn refuse(&mut self, i: usize, p: Pending, why: Refused, r: Refusal, now: Instant) {
         let k = Refused::ALL.iter().position(|x| *x == why).expect("listed");
         self.refused[k] += 1;
         if let Some(held) = self.refusal_log[k].allow(now) {
@@ -768,11 +841,7 @@ impl Relay {
             log::info!("{}: handshake refused: {} {} ({}){more}", p.peer, r.status, r.reason, why.label());
         }
         log::debug!("{}: {}", p.peer, r.body.trim_end());
-        // Best effort: a refusal is small and the socket buffer is empty.
-        let _ = p.sock.write(&r.response());
-        let _ = p.sock.shutdown(Shutdown::Write);
-        let _ = self.poll.registry().deregister(&mut p.sock);
-        self.freed.push(i);
+        self.linger(i, p.sock, r.response(), now);
     }
 
     /// End a client: send a Close if the reason calls for one, flush, and drop it (which
@@ -811,16 +880,23 @@ impl Relay {
             s.drop_offload,
         );
         self.totals.add(&c.stats);
-        c.drain_input();
-        let _ = c.sock.shutdown(Shutdown::Write);
+        // Everything queued reached the socket: linger for the peer to close. Otherwise it has
+        // not read for `LINGER` (or the shutdown's time is up): close now.
+        let flushed = c.pending_output() == 0;
         c.release_idle(&mut self.pool);
         self.policy.closed(c.id, c.client_ip, &c.state);
         self.by_id.remove(&c.id);
         self.clients -= 1;
-        self.freed.push(i);
         let _ = self.poll.registry().deregister(&mut SourceFd(&c.tap.as_raw_fd()));
+        let (mut sock, tap) = c.into_parts();
         if let Some(r) = &self.reaper {
-            r.reap(c.into_tap());
+            r.reap(tap);
+        }
+        if flushed {
+            self.linger(i, sock, Vec::new(), Instant::now());
+        } else {
+            let _ = self.poll.registry().deregister(&mut sock);
+            self.freed.push(i);
         }
     }
 
@@ -834,6 +910,7 @@ impl Relay {
         let s = self.settings.clone();
         for i in 0..self.slots.len() {
             match &mut self.slots[i] {
+                Slot::Lingering(l) if now >= l.until => self.unlinger(i),
                 Slot::Pending(p) if now.saturating_duration_since(p.since) >= s.handshake_timeout => {
                     log::info!("{}: handshake not completed within {:?}; dropped", p.peer, s.handshake_timeout);
                     let ip = p.peer.ip();
@@ -866,7 +943,8 @@ impl Relay {
         self.free.append(&mut self.freed);
     }
 
-    /// Shutdown: tell every client we are going away, flush what we can, drop all.
+    /// The end of a shutdown (every client closed, or `LINGER` passed): a Close for any client
+    /// still without one, what the socket takes at once, and every connection closed.
     fn shutdown(&mut self) {
         let now = Instant::now();
         for i in 0..self.slots.len() {
@@ -874,6 +952,11 @@ impl Relay {
                 c.queue_close(close_code::GOING_AWAY, "server shutting down", now, &mut self.pool);
                 let _ = c.flush();
                 self.finish(i, "server shutting down");
+            }
+        }
+        for i in 0..self.slots.len() {
+            if matches!(self.slots[i], Slot::Lingering(_)) {
+                self.unlinger(i);
             }
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod bufpool;
 pub mod event_loop;
+pub mod linger;
 pub mod pipe;
 pub mod policy;
 pub mod reaper;

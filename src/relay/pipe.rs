@@ -398,6 +398,12 @@ impl Pipe {
         self.tap
     }
 
+    /// The socket and the TAP, for a closing connection to linger on the one while the other
+    /// goes to the reaper.
+    pub fn into_parts(self) -> (Transport, Tap) {
+        (self.sock, self.tap)
+    }
+
     fn mask_key(&mut self) -> Option<[u8; 4]> {
         use rand::Rng;
         self.masker.as_mut().map(|r| r.random())
@@ -588,18 +594,6 @@ impl Pipe {
             Progress::Again
         } else {
             Progress::Idle
-        }
-    }
-
-    /// Before closing: discard what the client sent that was never read, so that closing
-    /// does not answer with a TCP reset that would destroy our queued Close frame in flight.
-    pub fn drain_input(&mut self) {
-        let mut sink = [0u8; 4096];
-        for _ in 0..16 {
-            match self.sock.read(&mut sink) {
-                Ok(n) if n > 0 => {}
-                _ => break,
-            }
         }
     }
 

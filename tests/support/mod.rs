@@ -366,6 +366,9 @@ impl Guest {
                 {
                     return None
                 }
+                // A read with a timeout fails with EINTR when the process is stopped and resumed
+                // (or frozen and thawed) meanwhile, even without a signal handler: read again.
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => panic!("guest read: {e}"),
             }
         }
@@ -377,6 +380,7 @@ impl Guest {
             match self.ws.read() {
                 Ok(Message::Close(c)) => return c.map(|c| u16::from(c.code)),
                 Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => panic!("the connection was not closed with a Close frame: {e}"),
             }
         }

@@ -1,0 +1,75 @@
+//! A connection on its way out: the last bytes we owe the peer (an HTTP refusal, a status
+//! page; nothing for a client whose Close is already flushed), written as the socket takes
+//! them; then our side shut down, so a FIN follows them; then whatever the peer still sends
+//! read and thrown away until it closes too or the deadline passes.
+//!
+//! Closing a TCP socket that has unread input makes Linux answer with a reset instead of a
+//! FIN, and a reset throws away what the kernel still held of our last bytes: a client that
+//! was sending when we ended it (a frame over the size limit, an upload at the moment of a
+//! shutdown) would see its connection reset instead of our Close frame or HTTP answer.
+
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::time::Instant;
+
+use super::transport::Transport;
+
+/// Bytes read and discarded per call, at most: a peer that keeps sending cannot hold the
+/// event loop, and its next data brings another (edge-triggered) readiness event.
+const DISCARD_PER_CALL: usize = 256 << 10;
+
+pub struct Lingering {
+    sock: Transport,
+    /// What is left to write before our side is shut down.
+    out: Vec<u8>,
+    shut: bool,
+    pub until: Instant,
+}
+
+impl Lingering {
+    pub fn new(sock: Transport, out: Vec<u8>, until: Instant) -> Lingering {
+        Lingering { sock, out, shut: false, until }
+    }
+
+    pub fn sock(&mut self) -> &mut Transport {
+        &mut self.sock
+    }
+
+    /// Write, shut down, discard as far as the socket lets us now. True when nothing is left
+    /// to wait for: the peer closed (or the socket failed); the caller then drops it.
+    pub fn progress(&mut self) -> bool {
+        while !self.out.is_empty() {
+            match self.sock.write(&self.out) {
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+        if !self.shut {
+            match self.sock.flush_tls() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+                Ok(()) => {}
+            }
+            // (TLS: close_notify first, best effort.)
+            let _ = self.sock.shutdown(Shutdown::Write);
+            self.shut = true;
+        }
+        let mut sink = [0u8; 16 << 10];
+        let mut read = 0;
+        while read < DISCARD_PER_CALL {
+            // The raw socket, also under TLS: these bytes are only thrown away.
+            match (&mut self.sock.tcp()).read(&mut sink) {
+                Ok(0) => return true,
+                Ok(n) => read += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+}
