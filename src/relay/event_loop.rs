@@ -697,16 +697,18 @@ impl Relay {
             _ => handshake::plain_http_refusal().response(),
         };
         log::debug!("{}: HTTP GET {path}", p.peer);
-        self.linger(i, p.sock, response, now);
+        self.linger(i, p.sock, response, true, now);
     }
 
     /// Slot `i`'s connection is done: write `out` (what we still owe it) as the socket takes
     /// it, shut our side down, and keep the socket until the peer closes or `LINGER` passes
-    /// (see [`super::linger`]). Past `MAX_LINGERING`, only what the socket takes at once.
-    fn linger(&mut self, i: usize, sock: Transport, out: Vec<u8>, now: Instant) {
-        let mut l = Lingering::new(sock, out, now + LINGER);
+    /// (see [`super::linger`]); with `wait_for_peer` false (a client that sent its Close), only
+    /// until the input there is now has been read. Past `MAX_LINGERING`, only what the socket
+    /// takes at once.
+    fn linger(&mut self, i: usize, sock: Transport, out: Vec<u8>, wait_for_peer: bool, now: Instant) {
+        let mut l = Lingering::new(sock, out, wait_for_peer, now + LINGER);
         if l.progress() || self.lingering >= MAX_LINGERING {
-            let _ = self.poll.registry().deregister(l.sock());
+            // Dropped: closing the socket also takes it out of the poll set.
             self.slots[i] = Slot::Free;
             self.freed.push(i);
             return;
@@ -715,10 +717,10 @@ impl Relay {
         self.lingering += 1;
     }
 
-    /// A lingering connection is over: close it, free its slot.
+    /// A lingering connection is over: close it (which takes it out of the poll set), free its
+    /// slot.
     fn unlinger(&mut self, i: usize) {
-        if let Slot::Lingering(mut l) = std::mem::replace(&mut self.slots[i], Slot::Free) {
-            let _ = self.poll.registry().deregister(l.sock());
+        if let Slot::Lingering(_) = std::mem::replace(&mut self.slots[i], Slot::Free) {
             self.lingering -= 1;
             self.freed.push(i);
         }
@@ -841,7 +843,7 @@ impl Relay {
             log::info!("{}: handshake refused: {} {} ({}){more}", p.peer, r.status, r.reason, why.label());
         }
         log::debug!("{}: {}", p.peer, r.body.trim_end());
-        self.linger(i, p.sock, r.response(), now);
+        self.linger(i, p.sock, r.response(), true, now);
     }
 
     /// End a client: send a Close if the reason calls for one, flush, and drop it (which
@@ -883,20 +885,20 @@ impl Relay {
         // Everything queued reached the socket: linger for the peer to close. Otherwise it has
         // not read for `LINGER` (or the shutdown's time is up): close now.
         let flushed = c.pending_output() == 0;
+        let wait_for_peer = !c.client_sent_close;
         c.release_idle(&mut self.pool);
         self.policy.closed(c.id, c.client_ip, &c.state);
         self.by_id.remove(&c.id);
         self.clients -= 1;
         let _ = self.poll.registry().deregister(&mut SourceFd(&c.tap.as_raw_fd()));
-        let (mut sock, tap) = c.into_parts();
+        let (sock, tap) = c.into_parts();
         if let Some(r) = &self.reaper {
             r.reap(tap);
         }
         if flushed {
-            self.linger(i, sock, Vec::new(), Instant::now());
+            self.linger(i, sock, Vec::new(), wait_for_peer, Instant::now());
         } else {
-            let _ = self.poll.registry().deregister(&mut sock);
-            self.freed.push(i);
+            self.freed.push(i); // the socket is closed as it is
         }
     }
 

@@ -1,7 +1,8 @@
 //! A connection on its way out: the last bytes we owe the peer (an HTTP refusal, a status
 //! page; nothing for a client whose Close is already flushed), written as the socket takes
 //! them; then our side shut down, so a FIN follows them; then whatever the peer still sends
-//! read and thrown away until it closes too or the deadline passes.
+//! read and thrown away until it closes too or the deadline passes. A client that sent its
+//! WebSocket Close sends nothing more: it is closed once its input so far has been read.
 //!
 //! Closing a TCP socket that has unread input makes Linux answer with a reset instead of a
 //! FIN, and a reset throws away what the kernel still held of our last bytes: a client that
@@ -23,16 +24,15 @@ pub struct Lingering {
     /// What is left to write before our side is shut down.
     out: Vec<u8>,
     shut: bool,
+    /// The peer may still be sending: wait for it to close. (Not after it sent its WebSocket
+    /// Close: once the input there is now has been read, closing resets nothing.)
+    wait_for_peer: bool,
     pub until: Instant,
 }
 
 impl Lingering {
-    pub fn new(sock: Transport, out: Vec<u8>, until: Instant) -> Lingering {
-        Lingering { sock, out, shut: false, until }
-    }
-
-    pub fn sock(&mut self) -> &mut Transport {
-        &mut self.sock
+    pub fn new(sock: Transport, out: Vec<u8>, wait_for_peer: bool, until: Instant) -> Lingering {
+        Lingering { sock, out, shut: false, wait_for_peer, until }
     }
 
     /// Write, shut down, discard as far as the socket lets us now. True when nothing is left
@@ -65,7 +65,7 @@ impl Lingering {
             match (&mut self.sock.tcp()).read(&mut sink) {
                 Ok(0) => return true,
                 Ok(n) => read += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return !self.wait_for_peer,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return true,
             }

@@ -277,6 +277,9 @@ pub struct Pipe {
     pub tap_writable: bool,
     /// Set once the connection is ending: only queued output is flushed.
     pub closing: Option<Instant>,
+    /// The client sent its Close: it sends nothing more (RFC 6455 §5.5.1), so closing needs
+    /// no lingering for its input.
+    pub client_sent_close: bool,
     /// Why it is closing, while it lingers to flush.
     pub ending: Option<Ending>,
     ws: Conn,
@@ -334,6 +337,7 @@ impl Pipe {
             tap_readable: true,
             tap_writable: true,
             closing: None,
+            client_sent_close: false,
             ending: None,
             ws: Conn::new(role, max_frame),
             masker: (role == Role::Client).then(|| Box::new(rand::rngs::StdRng::from_os_rng())),
@@ -755,6 +759,7 @@ impl Pipe {
                 self.compact_out();
                 self.queue_control(Opcode::Close, &p[..n], pool);
                 self.closing = Some(now);
+                self.client_sent_close = true;
                 let how = code.map_or("no code".to_string(), |c| c.to_string());
                 return Err(Ending::new(format!("client closed ({how})"), None));
             }
