@@ -747,3 +747,41 @@ fn sigterm_flushes_a_busy_client_and_its_close() {
     drop(g);
     assert_eq!(w.wait_exit(), 0);
 }
+
+/// Out of descriptors, an accept fails and the connection waits in the listen queue. Once
+/// descriptors are free again it is served within a tick, without another connection having
+/// to arrive first: the listener is edge-triggered, and the failed connection brings no new
+/// event of its own.
+#[test]
+fn a_failed_accept_is_tried_again() {
+    let ns = Netns::new("emfile");
+    let mut w = Wsnic::start(&ns, &[]);
+    let pid = w.pid().to_string();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let nofile: Vec<&str> =
+        limits.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().collect();
+    let (soft, hard) = (nofile[3].to_string(), nofile[4].to_string());
+    let set_soft = |n: &str| {
+        let out = std::process::Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={n}:{hard}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // The lowest descriptor number not in use: as the limit, the next accept fails (EMFILE).
+    let used: std::collections::HashSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|n| !used.contains(n)).unwrap();
+    set_soft(&lowest_free.to_string());
+    let mut s = ns.tcp("127.0.0.1:8070");
+    s.set_read_timeout(Some(10 * SEC)).unwrap();
+    s.write_all(support::UPGRADE_REQUEST).unwrap();
+    w.wait_log("accept: ", 5 * SEC);
+    set_soft(&soft);
+    let head = support::read_head(&mut s);
+    assert!(head.starts_with(b"HTTP/1.1 101"), "served once descriptors were free: {}", String::from_utf8_lossy(&head));
+    drop(s);
+    assert_eq!(w.stop(), 0);
+}

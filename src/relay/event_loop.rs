@@ -158,6 +158,8 @@ pub struct Relay {
     accept_paused: bool,
     /// Slots holding a lingering connection.
     lingering: usize,
+    /// An accept failed (out of descriptors, say): the tick tries again.
+    accept_retry: bool,
     /// Shutting down since then: no new connections; the loop ends once every client is
     /// closed, or `LINGER` after this.
     stopping: Option<Instant>,
@@ -221,6 +223,7 @@ impl Relay {
             reaper: None,
             accept_paused: false,
             lingering: 0,
+            accept_retry: false,
             stopping: None,
         })
     }
@@ -472,8 +475,10 @@ impl Relay {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: the connection waits in the backlog; retry on the next event.
+                    // EMFILE and friends: the connection waits in the backlog. The listener is
+                    // edge-triggered and may get no new event for it: the tick tries again.
                     log::warn!("accept: {e}");
+                    self.accept_retry = true;
                     return;
                 }
             };
@@ -902,10 +907,14 @@ impl Relay {
         }
     }
 
-    /// Once a second: handshake timeouts, keepalive pings, idle timeouts, lingering closes;
-    /// with several workers, this one's report for the others' status pages.
+    /// Once a second: handshake timeouts, keepalive pings, idle timeouts, lingering closes, an
+    /// accept that failed; with several workers, this one's report for the others' status pages.
     fn tick(&mut self, now: Instant) {
         self.policy.tick();
+        if std::mem::take(&mut self.accept_retry) && self.stopping.is_none() && !self.accept_paused {
+            self.accept(now, false);
+            self.accept(now, true);
+        }
         if self.shared.workers() > 1 {
             self.shared.publish(self.me, self.report(now));
         }
