@@ -867,6 +867,7 @@ impl Relay {
 
     fn finish(&mut self, i: usize, reason: &str) {
         let Slot::Client(mut c) = std::mem::replace(&mut self.slots[i], Slot::Free) else { return };
+        c.abandon_undelivered();
         let s = c.stats;
         log::info!(
             "{} on {} disconnected after {:.1}s: {reason}; client→tap {} frames {} bytes, tap→client {} frames {} bytes, answered {}, dropped {} (text {}, runt {}, tap error {}, oversize {}, policy {}, offload {})",

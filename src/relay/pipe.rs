@@ -116,7 +116,8 @@ pub struct Stats {
     pub drop_text: u64,
     /// Binary messages shorter than an Ethernet header dropped.
     pub drop_runt: u64,
-    /// Frames the TAP refused (an error other than "would block").
+    /// Frames the TAP refused (an error other than "would block"), or had not taken yet when
+    /// the connection ended (a stalled frame, an offload batch not yet written).
     pub drop_tap_error: u64,
     /// Frames from the TAP larger than `max_frame_size` dropped.
     pub drop_oversize: u64,
@@ -400,6 +401,18 @@ impl Pipe {
     /// Give the TAP back (`wsnic connect` keeps it across reconnections).
     pub fn into_tap(self) -> Tap {
         self.tap
+    }
+
+    /// The connection ends: frames taken from the client that the TAP has not taken (a stalled
+    /// frame, an open or staged offload batch) are counted as dropped, so every frame the
+    /// client sent is accounted for.
+    pub fn abandon_undelivered(&mut self) {
+        self.stats.drop_tap_error += self.batch.0;
+        self.batch = (0, 0);
+        if self.stalled != Stalled::None {
+            self.stats.drop_tap_error += 1;
+            self.stalled = Stalled::None;
+        }
     }
 
     /// The socket and the TAP, for a closing connection to linger on the one while the other
