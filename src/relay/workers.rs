@@ -11,9 +11,6 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// How often the lease writer looks for changed leases: the most a crash can lose.
-const LEASE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
-
 use mio::{Poll, Waker};
 
 use super::event_loop::{Relay, Settings, WAKER};
@@ -22,6 +19,9 @@ use super::shared::{Command, Shared};
 use crate::dhcp::server::Server;
 use crate::sys::netlink::Netlink;
 use crate::wire::Mac;
+
+/// How often the lease writer looks for changed leases: the most a crash can lose.
+const LEASE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One worker's listening sockets.
 pub struct Listeners {
