@@ -66,6 +66,9 @@ pub struct ConnState {
     /// and whether it may be used (not another client's), so a client without a lease does
     /// not ask the shared DHCP engine on every frame.
     pub claim: Option<(std::net::Ipv4Addr, u64, bool)>,
+    /// DHCP messages to us in the current second (unix time, count): see `DHCP_PER_SECOND`
+    /// in `relay::policy`.
+    pub dhcp_window: (u64, u32),
 }
 
 /// Looks at every frame from a WebSocket before it reaches the TAP (the relay answers DHCP

@@ -20,6 +20,10 @@ use crate::wire::{ethernet, ipv4, udp, Mac};
 
 const DHCP_SERVER_PORT: u16 = 67;
 const DHCP_CLIENT_PORT: u16 = 68;
+/// DHCP messages to us per connection per second, at most; more are dropped (`dhcp_flood`).
+/// A client sends two to four per exchange; tests and tools that drive DHCP by hand stay well
+/// under it.
+pub const DHCP_PER_SECOND: u32 = 128;
 
 /// A DHCP message to a server, found in a client's frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -98,10 +102,19 @@ pub mod drop_reason {
     pub const ARP_SPOOFED: &str = "ARP claims an address or MAC not the client's";
     pub const VLAN_TAGGED: &str = "VLAN-tagged frame";
     pub const DHCP_SPOOFED: &str = "DHCP for another client's MAC or lease";
-    pub const ALL: [&str; 7] =
-        [SRC_MAC_MULTICAST, SRC_MAC_CHANGED, MAC_IN_USE, SRC_IP_SPOOFED, ARP_SPOOFED, VLAN_TAGGED, DHCP_SPOOFED];
+    pub const DHCP_FLOOD: &str = "DHCP messages over the per-connection rate";
+    pub const ALL: [&str; 8] = [
+        SRC_MAC_MULTICAST,
+        SRC_MAC_CHANGED,
+        MAC_IN_USE,
+        SRC_IP_SPOOFED,
+        ARP_SPOOFED,
+        VLAN_TAGGED,
+        DHCP_SPOOFED,
+        DHCP_FLOOD,
+    ];
     /// Metric labels, in the order of `ALL`.
-    pub const LABELS: [&str; 7] = [
+    pub const LABELS: [&str; 8] = [
         "src_mac_multicast",
         "src_mac_changed",
         "mac_in_use",
@@ -109,6 +122,7 @@ pub mod drop_reason {
         "arp_spoofed",
         "vlan_tagged",
         "dhcp_spoofed",
+        "dhcp_flood",
     ];
 }
 
@@ -133,14 +147,14 @@ pub struct Policy {
     /// old one if it has gone silent, else the new one.
     pub takeovers: Vec<Takeover>,
     /// Frames dropped, by reason (index into `drop_reason::ALL`).
-    pub drops: [u64; 7],
+    pub drops: [u64; 8],
     /// DHCP messages from clients by type (index: the message type, 1..=8; 0: other).
     pub dhcp_messages: [u64; 9],
 }
 
 impl Policy {
     pub fn new(shared: Arc<Shared>, me: usize, dhcp: Option<Dhcp>, anti_spoofing: bool) -> Policy {
-        Policy { shared, me, dhcp, anti_spoofing, takeovers: Vec::new(), drops: [0; 7], dhcp_messages: [0; 9] }
+        Policy { shared, me, dhcp, anti_spoofing, takeovers: Vec::new(), drops: [0; 8], dhcp_messages: [0; 9] }
     }
 
     /// A client connected from `ip`.
@@ -289,6 +303,17 @@ impl Inspector for Policy {
         }
         let Some(d) = &self.dhcp else { return Verdict::Forward };
         let Some(req) = dhcp_request(frame, d.server_ip) else { return Verdict::Forward };
+        // Every message handled moves the shared engine's epoch, after which every client's
+        // next frame looks at the engine again under the lock: a connection flooding DHCP
+        // would make that every frame, on every worker. A real client sends a handful.
+        let second = unix_now();
+        if st.dhcp_window.0 != second {
+            st.dhcp_window = (second, 0);
+        }
+        st.dhcp_window.1 += 1;
+        if st.dhcp_window.1 > DHCP_PER_SECOND {
+            return self.drop(drop_reason::DHCP_FLOOD);
+        }
         let msg = match wire::decode(req.payload) {
             Ok(m) => m,
             Err(e) => {
@@ -453,6 +478,33 @@ mod tests {
         p.closed(1, client, &st);
         sh.lock().dhcp.as_mut().unwrap().expire(unix_now() + 301);
         assert_eq!(q.inspect(2, &mut st2, &udp_from(m2, offered)), Verdict::Forward);
+    }
+
+    #[test]
+    fn a_dhcp_flood_is_cut_to_the_per_second_rate() {
+        let (sh, _poll) = shared(1);
+        let mut p = policy(&sh, 0);
+        let m = [2, 0, 0, 0, 0, 11];
+        p.opened(1, "203.0.113.1".parse().unwrap());
+        let mut st = ConnState::default();
+        let discover = dhcp_from(m, 1, None);
+        let n = 4 * DHCP_PER_SECOND as usize;
+        let mut answered = 0;
+        for _ in 0..n {
+            match p.inspect(1, &mut st, &discover) {
+                Verdict::Reply(_) => answered += 1,
+                Verdict::Drop(why) => assert_eq!(why, drop_reason::DHCP_FLOOD),
+                v => panic!("{v:?}"),
+            }
+        }
+        // The loop takes far less than a second, so it spans at most two windows.
+        assert!(answered >= DHCP_PER_SECOND as usize && answered <= 2 * DHCP_PER_SECOND as usize, "{answered}");
+        let flood = drop_reason::ALL.iter().position(|r| *r == drop_reason::DHCP_FLOOD).unwrap();
+        assert_eq!(p.drops[flood] as usize, n - answered);
+        // Another connection is not affected.
+        let mut other = ConnState::default();
+        p.opened(2, "203.0.113.2".parse().unwrap());
+        assert!(matches!(p.inspect(2, &mut other, &dhcp_from([2, 0, 0, 0, 0, 12], 1, None)), Verdict::Reply(_)));
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub struct Report {
     /// Every connection of this worker, ended and live.
     pub totals: Stats,
     pub refused: [u64; 6],
-    pub drops: [u64; 7],
+    pub drops: [u64; 8],
     pub dhcp_messages: [u64; 9],
 }
 
@@ -315,7 +315,7 @@ mod tests {
         let o = Report {
             clients: vec![ClientRow::default()],
             refused: [0, 0, 0, 1, 0, 0],
-            drops: [0, 0, 3, 0, 0, 0, 0],
+            drops: [0, 0, 3, 0, 0, 0, 0, 0],
             ..Default::default()
         };
         r.merge(&o);
