@@ -715,6 +715,7 @@ fn a_client_ended_while_sending_gets_its_close_not_a_reset() {
     assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1009);
     let mut b = [0u8; 64];
     assert_eq!(s.read(&mut b).expect("an end of stream, not a reset"), 0);
+    drop(s);
     w.wait_log("frame too big", 5 * SEC);
     assert_eq!(w.stop(), 0);
 }

@@ -26,7 +26,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::bufpool::BufPool;
-use super::linger::Lingering;
+use super::linger::{self, Lingering};
 use super::pipe::{Ending, Pipe, Progress};
 use super::policy::{Policy, Takeover};
 use super::reaper::Reaper;
@@ -131,6 +131,9 @@ pub struct Relay {
     freed: Vec<usize>,
     runq: Vec<usize>,
     runq_spare: Vec<usize>,
+    /// Lingering connections whose discard budget ran out with input perhaps left: progressed
+    /// again on the next pass (no readiness event need come for input already there).
+    linger_again: Vec<usize>,
     pool: BufPool,
     clients: usize,
     bridge_index: u32,
@@ -207,6 +210,7 @@ impl Relay {
             freed: Vec::new(),
             runq: Vec::new(),
             runq_spare: Vec::new(),
+            linger_again: Vec::new(),
             pool,
             clients: 0,
             bridge_index: 0,
@@ -266,8 +270,11 @@ impl Relay {
         let mut next_tick = Instant::now() + TICK;
         loop {
             let wake = self.timers.peek().map_or(next_tick, |t| t.0 .0.min(next_tick));
-            let mut timeout =
-                if self.runq.is_empty() { wake.saturating_duration_since(Instant::now()) } else { Duration::ZERO };
+            let mut timeout = if self.runq.is_empty() && self.linger_again.is_empty() {
+                wake.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
             if self.accept_paused {
                 timeout = timeout.min(REAPING_RECHECK);
             }
@@ -314,16 +321,14 @@ impl Relay {
                                 }
                                 self.schedule(i);
                             }
-                            Some(Slot::Lingering(l)) => {
-                                let done = l.progress();
-                                if done {
-                                    self.unlinger(i);
-                                }
-                            }
+                            Some(Slot::Lingering(_)) => self.progress_lingering(i),
                             _ => {}
                         }
                     }
                 }
+            }
+            for i in std::mem::take(&mut self.linger_again) {
+                self.progress_lingering(i);
             }
             self.run_queue(now);
             for t in std::mem::take(&mut self.policy.takeovers) {
@@ -712,7 +717,8 @@ impl Relay {
     /// takes at once.
     fn linger(&mut self, i: usize, sock: Transport, out: Vec<u8>, wait_for_peer: bool, now: Instant) {
         let mut l = Lingering::new(sock, out, wait_for_peer, now + LINGER);
-        if l.progress() || self.lingering >= MAX_LINGERING {
+        let state = l.progress();
+        if state == linger::State::Done || self.lingering >= MAX_LINGERING {
             // Dropped: closing the socket also takes it out of the poll set.
             self.slots[i] = Slot::Free;
             self.freed.push(i);
@@ -720,6 +726,24 @@ impl Relay {
         }
         self.slots[i] = Slot::Lingering(l);
         self.lingering += 1;
+        if state == linger::State::Busy {
+            self.linger_again.push(i);
+        }
+    }
+
+    /// Move lingering connection `i` on (on an event of its socket, or again after its discard
+    /// budget ran out); a slot that no longer lingers is left alone.
+    fn progress_lingering(&mut self, i: usize) {
+        let Some(Slot::Lingering(l)) = self.slots.get_mut(i) else { return };
+        match l.progress() {
+            linger::State::Done => self.unlinger(i),
+            linger::State::Busy => {
+                if !self.linger_again.contains(&i) {
+                    self.linger_again.push(i);
+                }
+            }
+            linger::State::Waiting => {}
+        }
     }
 
     /// A lingering connection is over: close it (which takes it out of the poll set), free its

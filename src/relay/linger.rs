@@ -15,9 +15,21 @@ use std::time::Instant;
 
 use super::transport::Transport;
 
-/// Bytes read and discarded per call, at most: a peer that keeps sending cannot hold the
-/// event loop, and its next data brings another (edge-triggered) readiness event.
+/// Bytes read and discarded per call, at most, so that a peer that keeps sending cannot hold
+/// the event loop. Input may be left then, and no new (edge-triggered) event need come for
+/// it (the peer may have sent it all): the caller calls again on its next pass.
 const DISCARD_PER_CALL: usize = 256 << 10;
+
+/// Where a lingering connection stands after [`Lingering::progress`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Nothing left to wait for: drop it.
+    Done,
+    /// Waiting for the socket: a readiness event will come.
+    Waiting,
+    /// The discard budget ran out with input perhaps left: call again soon.
+    Busy,
+}
 
 pub struct Lingering {
     sock: Transport,
@@ -35,23 +47,23 @@ impl Lingering {
         Lingering { sock, out, shut: false, wait_for_peer, until }
     }
 
-    /// Write, shut down, discard as far as the socket lets us now. True when nothing is left
+    /// Write, shut down, discard as far as the socket lets us now. `Done` when nothing is left
     /// to wait for: the peer closed (or the socket failed); the caller then drops it.
-    pub fn progress(&mut self) -> bool {
+    pub fn progress(&mut self) -> State {
         while !self.out.is_empty() {
             match self.sock.write(&self.out) {
                 Ok(n) => {
                     self.out.drain(..n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return State::Waiting,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return true,
+                Err(_) => return State::Done,
             }
         }
         if !self.shut {
             match self.sock.flush_tls() {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(_) => return true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return State::Waiting,
+                Err(_) => return State::Done,
                 Ok(()) => {}
             }
             // (TLS: close_notify first, best effort.)
@@ -63,13 +75,15 @@ impl Lingering {
         while read < DISCARD_PER_CALL {
             // The raw socket, also under TLS: these bytes are only thrown away.
             match (&mut self.sock.tcp()).read(&mut sink) {
-                Ok(0) => return true,
+                Ok(0) => return State::Done,
                 Ok(n) => read += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return !self.wait_for_peer,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return if self.wait_for_peer { State::Waiting } else { State::Done };
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return true,
+                Err(_) => return State::Done,
             }
         }
-        false
+        State::Busy
     }
 }
