@@ -155,6 +155,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Event loops (threads); 0: one per CPU (`auto`).
     pub workers: usize,
+    /// TCP congestion control of the listeners, which their clients' sockets inherit
+    /// (None: the host's `net.ipv4.tcp_congestion_control`).
+    pub tcp_congestion: Option<String>,
     pub dhcp_gateway: Option<Ipv4Addr>,
     pub dhcp_domain_name: Option<String>,
     pub dhcp_domain_name_server: Vec<Ipv4Addr>,
@@ -218,6 +221,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "dhcp_lease_file",
     "dhcp_lease_grace",
     "workers",
+    "tcp_congestion",
 ];
 
 /// One configuration key: its name, default (as written in the file) and meaning.
@@ -292,6 +296,11 @@ pub const KEYS: &[Key] = &[
         name: "workers",
         default: "1",
         help: "event loops (threads) sharing the port, 1..64, or auto (one per CPU); needs a restart",
+    },
+    Key {
+        name: "tcp_congestion",
+        default: "",
+        help: "TCP congestion control of the clients' connections, e.g. cubic (empty: the host's net.ipv4.tcp_congestion_control); needs a restart",
     },
     Key { name: "dhcp_gateway", default: "", help: "router address handed out by DHCP (empty: the bridge's address)" },
     Key { name: "dhcp_domain_name", default: "", help: "domain name handed out by DHCP (empty: none)" },
@@ -422,6 +431,7 @@ impl Default for Config {
             idle_timeout: Duration::ZERO,
             handshake_timeout: Duration::ZERO,
             workers: 0,
+            tcp_congestion: None,
             dhcp_gateway: None,
             dhcp_domain_name: None,
             dhcp_domain_name_server: Vec::new(),
@@ -550,6 +560,18 @@ impl Config {
                         }
                     })?,
                 }
+            }
+            "tcp_congestion" => {
+                self.tcp_congestion = opt(v)
+                    .map(|v| {
+                        // The kernel's names: at most 15 bytes (TCP_CA_NAME_MAX with its NUL).
+                        if v.len() <= 15 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                            Ok(v.to_string())
+                        } else {
+                            Err(format!("{v:?} is not a congestion control's name (such as cubic, reno or bbr)"))
+                        }
+                    })
+                    .transpose()?
             }
             "dhcp_gateway" => self.dhcp_gateway = opt(v).map(|v| parse_num(v, "an IPv4 address")).transpose()?,
             "dhcp_domain_name" => self.dhcp_domain_name = opt(v).map(str::to_string),
@@ -701,6 +723,12 @@ impl Config {
         self.origins.get(key).cloned().unwrap_or_else(|| "defaults".into())
     }
 
+    /// An error about `key`'s value found outside this module (by asking the kernel),
+    /// naming where the value was set.
+    pub fn error_at(&self, key: &str, message: String) -> ConfigError {
+        ConfigError { origin: self.origin(key), key: Some(key.into()), message }
+    }
+
     /// Checks that involve more than one key; the error names the later-set key's origin.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err =
@@ -795,6 +823,7 @@ impl Config {
             "dhcp_lease_file" => format!("{:?}", self.dhcp_lease_file),
             "dhcp_lease_grace" => format!("{:?}", self.dhcp_lease_grace),
             "workers" => format!("{:?}", self.workers),
+            "tcp_congestion" => format!("{:?}", self.tcp_congestion),
             _ => String::new(),
         }
     }
@@ -818,6 +847,7 @@ impl Config {
             ("tap_offload", on(self.tap_offload)),
             ("tap_threads", on(self.tap_threads)),
             ("workers", self.worker_count().to_string()),
+            ("tcp_congestion", self.tcp_congestion.clone().unwrap_or_else(|| "the host's".into())),
         ]
     }
 
@@ -897,6 +927,8 @@ mod tests {
             ("dhcp_mtu=100", "below 576"),
             ("workers=65", "outside 1..64"),
             ("workers=many", "or auto"),
+            ("tcp_congestion=cu bic", "not a congestion control"),
+            ("tcp_congestion=a_name_far_too_long", "not a congestion control"),
         ] {
             let e = Config::default().apply_file_text("f", line).unwrap_err();
             assert!(e.to_string().contains(frag), "{line}: {e}");

@@ -89,6 +89,12 @@ fn main() -> ExitCode {
         eprintln!("wsnic: needs root or CAP_NET_ADMIN to create its bridge and TAP devices (run it with sudo)");
         return ExitCode::from(1);
     }
+    if let Some(name) = &cfg.tcp_congestion {
+        if let Err(e) = wsnic::sys::check_tcp_congestion(name) {
+            eprintln!("wsnic: {}", cfg.error_at("tcp_congestion", e));
+            return ExitCode::from(2);
+        }
+    }
     match serve(&cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -184,7 +190,8 @@ fn serve(cfg: &Config) -> Result<(), String> {
             return Ok((0..n).map(|_| None).collect());
         }
         let addr = std::net::SocketAddr::new(cfg.ws_server_addr, port);
-        let ls = workers::bind(addr, n).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let ls = workers::bind(addr, n, cfg.tcp_congestion.as_deref())
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         Ok(ls.into_iter().map(Some).collect())
     };
     let ws = bind(cfg.ws_server_port)?;

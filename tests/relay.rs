@@ -441,6 +441,42 @@ fn without_net_admin_says_so_and_exits_1() {
     assert!(err.contains("CAP_NET_ADMIN") && err.lines().count() == 1, "{err}");
 }
 
+/// `tcp_congestion` is set on the listener and the clients' connections inherit it; a name
+/// the kernel does not have is a configuration error naming the key.
+#[test]
+fn tcp_congestion_applies_to_the_clients_connections() {
+    let ns = Netns::new("cc");
+    let out = ns.exec("sysctl", &["-n", "net.ipv4.tcp_congestion_control"]);
+    let default = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // Not the namespace's own default, or the test could not fail.
+    let pick = if default == "reno" { "cubic" } else { "reno" };
+    let _w = Wsnic::start(&ns, &["--tcp-congestion", pick]);
+    let mut g = Guest::connect(&ns, mac(71), ip(71));
+    g.arp(GW);
+    // `ss -ti`: each socket's line, then a line of its TCP details, which starts with the
+    // congestion control's name.
+    let out = ns.exec("ss", &["-tinH", "state", "established"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    let cc_of = |local_port: bool| -> Vec<String> {
+        lines
+            .chunks(2)
+            .filter(|p| {
+                let cols: Vec<&str> = p[0].split_whitespace().collect();
+                cols.len() >= 4 && cols[2].ends_with(":8070") == local_port
+            })
+            .map(|p| p[1].split_whitespace().next().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(cc_of(true), vec![pick.to_string()], "the relay's side:\n{text}");
+    assert_eq!(cc_of(false), vec![default.clone()], "the client's side keeps the default:\n{text}");
+
+    let out = ns.cmd(support::BIN).args(["--tcp-congestion", "nosuch", "--ws-server-port", "8071"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tcp-congestion: tcp_congestion: the kernel has no congestion control \"nosuch\""), "{err}");
+}
+
 /// Idle clients hold no pooled buffers: the server's memory per idle connection is small.
 #[test]
 fn idle_clients_hold_no_buffers() {

@@ -235,11 +235,15 @@ impl Relay {
     /// Bind the listening socket with a backlog of 1024, so bursts of browsers reconnecting
     /// at once queue in the kernel instead of being refused. `reuse_port`: one of several
     /// workers' sockets on the same address (SO_REUSEPORT; the kernel spreads connections).
-    pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    /// `congestion`: a TCP congestion control, which the accepted connections inherit.
+    pub fn bind(addr: SocketAddr, reuse_port: bool, congestion: Option<&str>) -> io::Result<std::net::TcpListener> {
         let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
         s.set_reuse_address(true)?;
         if reuse_port {
             s.set_reuse_port(true)?;
+        }
+        if let Some(name) = congestion {
+            s.set_tcp_congestion(name.as_bytes())?;
         }
         s.bind(&addr.into())?;
         s.listen(1024)?;

@@ -34,12 +34,13 @@ pub struct Listeners {
 /// `n` listening sockets on `addr`, one per worker. Several share the address with
 /// SO_REUSEPORT, after a check that nothing listens there yet: the kernel would let another
 /// process of the same user join the group and take a share of the connections.
-pub fn bind(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>> {
+/// `congestion`: the TCP congestion control their connections inherit.
+pub fn bind(addr: SocketAddr, n: usize, congestion: Option<&str>) -> io::Result<Vec<TcpListener>> {
     if n == 1 {
-        return Ok(vec![Relay::bind(addr, false)?]);
+        return Ok(vec![Relay::bind(addr, false, congestion)?]);
     }
-    drop(Relay::bind(addr, false)?); // EADDRINUSE if anyone listens there
-    (0..n).map(|_| Relay::bind(addr, true)).collect()
+    drop(Relay::bind(addr, false, None)?); // EADDRINUSE if anyone listens there
+    (0..n).map(|_| Relay::bind(addr, true, congestion)).collect()
 }
 
 /// The built-in DHCP server: the engine (shared), the server's address and MAC (replies

@@ -16,6 +16,28 @@ pub fn has_net_admin() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
+/// Can this process give a TCP socket congestion control `name`? Asks the kernel with a
+/// socket that is never bound (the kernel loads the algorithm's module if it has one).
+/// Setting one that `net.ipv4.tcp_allowed_congestion_control` does not list needs
+/// CAP_NET_ADMIN.
+pub fn check_tcp_congestion(name: &str) -> Result<(), String> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| format!("cannot make a socket to try it: {e}"))?;
+    s.set_tcp_congestion(name.as_bytes()).map_err(|e| {
+        let list = |what: &str| {
+            let f = format!("/proc/sys/net/ipv4/tcp_{what}_congestion_control");
+            std::fs::read_to_string(f).map_or_else(|_| "unknown".into(), |l| l.trim().to_string())
+        };
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => {
+                format!("the kernel has no congestion control {name:?} (it has: {})", list("available"))
+            }
+            Some(libc::EPERM) => format!("{name:?} needs CAP_NET_ADMIN (allowed without it: {})", list("allowed")),
+            _ => format!("cannot set {name:?}: {e}"),
+        }
+    })
+}
+
 /// Identity of the calling thread's network namespace, unique until reboot: the kernel's
 /// netns cookie (SO_NETNS_COOKIE), which, unlike the namespace's inode number, is never
 /// reused. State recorded for crash repair is keyed by it, so a new namespace can never
