@@ -156,8 +156,11 @@ pub struct Server {
     quarantine: BTreeMap<u32, u64>,
     /// Earliest offer or quarantine end: `expire` has nothing to do before it.
     next_deadline: u64,
+    /// Earliest end of a live connection's lease: `expire` moves the epoch when it passes.
+    next_lease_end: u64,
     dirty: bool,
-    /// Bumped by every call that may change who holds which address (see [`Server::epoch`]).
+    /// Bumped by every change that may change an answer of [`Server::bound_ip`] or
+    /// [`Server::held_by_other`] at a given time (see [`Server::epoch`]).
     epoch: u64,
     /// The current exhaustion episode has been logged.
     exhausted: bool,
@@ -218,6 +221,7 @@ impl Server {
             by_conn: HashMap::new(),
             quarantine: BTreeMap::new(),
             next_deadline: u64::MAX,
+            next_lease_end: u64::MAX,
             dirty: false,
             epoch: 0,
             exhausted: false,
@@ -261,9 +265,12 @@ impl Server {
         self.records.values().filter(|r| r.bound).map(|r| &r.lease)
     }
 
-    /// True once after any change that the lease file records (see [`super::store`]).
-    /// Changes whenever an address may have changed hands; callers that cache
-    /// [`Server::bound_ip`] refresh when it moves.
+    /// Moves whenever a bound lease is made, renewed, moved to another connection, let go by
+    /// its connection or removed: the only changes that can alter what [`Server::bound_ip`] and
+    /// [`Server::held_by_other`] answer for a given time. Callers that cache their answers
+    /// (one per connection, on every frame) ask again when it moves; offers, NAKs, INFORMs
+    /// and ignored messages leave it alone. A live connection's lease that runs out moves it
+    /// too, at the next [`Server::expire`] (called once a second).
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -326,10 +333,10 @@ impl Server {
 
     /// The connection closed: its lease enters the grace period, its offer is dropped.
     pub fn connection_closed(&mut self, conn: ConnId, now: u64) {
-        self.epoch += 1;
         let Some(ip) = self.by_conn.remove(&conn) else { return };
         let r = self.records.get_mut(&ip).expect("by_conn points at a record");
         if r.bound {
+            self.epoch += 1;
             r.lease.conn = None;
             r.offer_until = 0;
             r.grace_until = now + u64::from(self.cfg.grace);
@@ -342,6 +349,12 @@ impl Server {
     /// second. (Leases, graces and expired leases need no sweep: they are judged when an address
     /// is needed.)
     pub fn expire(&mut self, now: u64) {
+        if now > self.next_lease_end {
+            // A live connection's lease ran out: cached answers about it are stale.
+            self.epoch += 1;
+            self.next_lease_end =
+                self.records.values().filter(|r| r.pinned(now)).map(|r| r.lease.expires).min().unwrap_or(u64::MAX);
+        }
         if now <= self.next_deadline {
             return;
         }
@@ -379,7 +392,6 @@ impl Server {
         msg: &Message,
         now: u64,
     ) -> Option<Reply> {
-        self.epoch += 1;
         if msg.op != wire::BOOTREQUEST {
             return None;
         }
@@ -508,6 +520,8 @@ impl Server {
         r.offer_until = 0;
         r.lease.expires = expires;
         self.dirty = true;
+        self.epoch += 1;
+        self.next_lease_end = self.next_lease_end.min(expires);
         Some(self.lease_reply(MessageType::Ack, msg, ip))
     }
 
@@ -547,6 +561,7 @@ impl Server {
     /// Removes the record at `ip` and everything pointing at it.
     fn remove(&mut self, ip: u32) -> Option<Record> {
         let r = self.records.remove(&ip)?;
+        self.epoch += u64::from(r.bound);
         self.by_key.remove(&r.lease.client_key);
         if let Some(conn) = r.lease.conn {
             if self.by_conn.get(&conn) == Some(&ip) {
@@ -666,6 +681,11 @@ impl Server {
             if by_conn.get(&old) == Some(&ip) {
                 by_conn.remove(&old);
             }
+        }
+        if r.bound && r.lease.conn != Some(c.conn) {
+            // A bound lease changes connection, or is taken back from its grace.
+            self.epoch += 1;
+            self.next_lease_end = self.next_lease_end.min(r.lease.expires);
         }
         r.lease.conn = Some(c.conn);
         r.grace_until = 0;
@@ -979,6 +999,33 @@ mod tests {
         // Its own address wins over the requested one.
         let d = with(req(Discover, mac(1)), opt::REQUESTED_IP, &ip(99).octets());
         assert_eq!(s.handle(1, mac(1), true, &d, T0).unwrap().msg.yiaddr, ip(2));
+    }
+
+    /// A live connection's lease that runs out moves the epoch at the next `expire`, also one
+    /// taken back from its grace by a reconnect after the earliest lease end was computed.
+    #[test]
+    fn a_lease_running_out_moves_the_epoch() {
+        let mut s = server();
+        let bind = |s: &mut Server, conn, m, now| {
+            let offer = s.handle(conn, m, true, &req(Discover, m), now).unwrap().msg.yiaddr;
+            assert_eq!(ty(&s.handle(conn, m, true, &selecting(m, offer, SERVER), now)), Some(Ack));
+            offer
+        };
+        bind(&mut s, 2, mac(2), T0); // runs out at T0 + 3600
+        let a = bind(&mut s, 1, mac(1), T0 + 3400); // runs out at T0 + 7000
+        s.connection_closed(1, T0 + 3500); // in grace until T0 + 3800
+        let e = s.epoch();
+        s.expire(T0 + 3601);
+        assert_ne!(s.epoch(), e, "connection 2's lease ran out");
+        // Connection 3 is client 1 again: its DISCOVER takes the lease back from its grace.
+        assert_eq!(s.handle(3, mac(1), true, &req(Discover, mac(1)), T0 + 3700).unwrap().msg.yiaddr, a);
+        assert_eq!(s.bound_ip(3, T0 + 3700), Some(a));
+        let e = s.epoch();
+        s.expire(T0 + 6999);
+        assert_eq!(s.epoch(), e);
+        s.expire(T0 + 7001);
+        assert_ne!(s.epoch(), e, "the lease taken back ran out");
+        assert_eq!(s.bound_ip(3, T0 + 7001), None);
     }
 
     #[test]
@@ -1500,6 +1547,19 @@ mod tests {
         reclaims: usize,
     }
 
+    /// Every answer of `bound_ip` and `held_by_other` at `now` for the live connections
+    /// `conns` and every address of 10.0.0.0/27.
+    fn answers(s: &Server, conns: &[ConnId], now: u64) -> Vec<Option<Ipv4Addr>> {
+        let mut v = Vec::new();
+        for &c in conns {
+            v.push(s.bound_ip(c, now));
+            v.extend(
+                (0..32u8).map(|n| s.held_by_other(Ipv4Addr::new(10, 0, 0, n), c, now).then_some(Ipv4Addr::UNSPECIFIED)),
+            );
+        }
+        v
+    }
+
     fn run(ops: Vec<Op>, seen: &mut Seen) {
         let net = |n: u8| Ipv4Addr::new(10, 0, 0, n);
         let mut s = Server::new(ServerConfig {
@@ -1523,6 +1583,15 @@ mod tests {
         let mut last: HashMap<u8, Ipv4Addr> = HashMap::new();
         let mut dead: HashSet<ConnId> = HashSet::new();
         for op in ops {
+            // An operation that leaves the epoch alone must leave every cached answer true, at
+            // the time after it (a Wait runs `expire`, as the relay does once a second).
+            let conns: Vec<ConnId> = (0..8u64).map(|slot| slot * 1_000_000 + gens[slot as usize]).collect();
+            let before = (s.epoch(), answers(&s, &conns, now));
+            let check = |s: &Server, now: u64| {
+                if s.epoch() == before.0 {
+                    assert_eq!(answers(s, &conns, now), before.1, "{op:?} changed an answer but not the epoch");
+                }
+            };
             let addr = |key: u8, a: Addr| match a {
                 Some(n) => net(n),
                 None => last.get(&key).copied().unwrap_or(net(2)),
@@ -1532,6 +1601,7 @@ mod tests {
                     now += u64::from(secs);
                     s.expire(now);
                     s.check_invariants(now);
+                    check(&s, now);
                     continue;
                 }
                 Op::Close { slot } => {
@@ -1540,6 +1610,7 @@ mod tests {
                     dead.insert(conn);
                     gens[slot as usize] += 1;
                     s.check_invariants(now);
+                    check(&s, now);
                     continue;
                 }
                 Op::Discover { slot, key, want } => {
@@ -1576,6 +1647,7 @@ mod tests {
             let unused_before = s.lowest_unused().is_none();
             let reply = s.handle(conn, mac(key.into()), broadcast, &msg, now);
             s.check_invariants(now);
+            check(&s, now);
             let ty = msg.message_type().unwrap();
             if ty == Discover && reply.is_none() {
                 seen.dry += 1;

@@ -303,9 +303,10 @@ impl Inspector for Policy {
         }
         let Some(d) = &self.dhcp else { return Verdict::Forward };
         let Some(req) = dhcp_request(frame, d.server_ip) else { return Verdict::Forward };
-        // Every message handled moves the shared engine's epoch, after which every client's
-        // next frame looks at the engine again under the lock: a connection flooding DHCP
-        // would make that every frame, on every worker. A real client sends a handful.
+        // A message that binds, renews or frees a lease moves the shared engine's epoch, after
+        // which every client's next frame looks at the engine again under the lock: a
+        // connection flooding REQUESTs would make that every frame, on every worker. A real
+        // client sends a handful.
         let second = unix_now();
         if st.dhcp_window.0 != second {
             st.dhcp_window = (second, 0);
@@ -505,6 +506,25 @@ mod tests {
         let mut other = ConnState::default();
         p.opened(2, "203.0.113.2".parse().unwrap());
         assert!(matches!(p.inspect(2, &mut other, &dhcp_from([2, 0, 0, 0, 0, 12], 1, None)), Verdict::Reply(_)));
+    }
+
+    /// Offers do not move the epoch (no client's cached answer changes), an ACK does: a
+    /// connection DISCOVERing in a loop sends no other client back to the lock.
+    #[test]
+    fn only_a_binding_moves_the_epoch() {
+        let (sh, _poll) = shared(1);
+        let mut p = policy(&sh, 0);
+        let m = [2, 0, 0, 0, 0, 13];
+        p.opened(1, "203.0.113.1".parse().unwrap());
+        let mut st = ConnState::default();
+        let before = sh.epoch();
+        let mut offered = Ipv4Addr::UNSPECIFIED;
+        for _ in 0..10 {
+            offered = yiaddr(p.inspect(1, &mut st, &dhcp_from(m, 1, None)));
+        }
+        assert_eq!(sh.epoch(), before, "ten DISCOVERs moved the epoch");
+        assert_eq!(yiaddr(p.inspect(1, &mut st, &dhcp_from(m, 3, Some(offered)))), offered);
+        assert_ne!(sh.epoch(), before, "the ACK must move the epoch");
     }
 
     #[test]
