@@ -865,9 +865,19 @@ impl Config {
     }
 
     /// Name of the nftables table this instance owns (one per bridge, so instances with
-    /// different bridges never touch each other's rules).
+    /// different bridges never touch each other's rules). The bridge's name is encoded one to
+    /// one, so that `br-0`, `br.0` and `br_0` get different tables: letters and digits stay,
+    /// `_` becomes `__`, any other byte `_` and two hex digits (at most 51 characters).
     pub fn nft_table(&self) -> String {
-        format!("wsnic_{}", self.bridge_name.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+        let mut t = String::from("wsnic_");
+        for b in self.bridge_name.bytes() {
+            match b {
+                b'_' => t.push_str("__"),
+                b if b.is_ascii_alphanumeric() => t.push(char::from(b)),
+                b => t.push_str(&format!("_{b:02x}")),
+            }
+        }
+        t
     }
 }
 
@@ -892,6 +902,21 @@ mod tests {
         );
         assert_eq!(c.nft_table(), "wsnic_wsnicbr0");
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn every_bridge_gets_its_own_table() {
+        let table = |name: &str| {
+            let mut c = Config::default();
+            c.set("bridge_name", name).unwrap();
+            c.nft_table()
+        };
+        let names = ["br-0", "br.0", "br_0", "br__0", "br_2d0", "br0", "a-b_c", "a_b-c", "a_2db_c"];
+        let tables: std::collections::HashSet<String> = names.iter().map(|n| table(n)).collect();
+        assert_eq!(tables.len(), names.len(), "{tables:?}");
+        assert_eq!(table("br-lan"), "wsnic_br_2dlan");
+        assert_eq!(table("br_lan"), "wsnic_br__lan");
+        assert!(table("---------------").len() <= 64);
     }
 
     #[test]

@@ -511,6 +511,23 @@ fn second_instance_with_the_same_bridge_refuses() {
     g.arp(GW); // the first one's bridge is still there and working
 }
 
+/// Bridges whose names differ only in punctuation (`br-0`, `br_0`) get tables of their own:
+/// one instance stopping leaves the other's rules in place.
+#[test]
+fn similar_bridge_names_get_their_own_tables() {
+    let ns = Netns::new("tables");
+    let a = Wsnic::start(&ns, &["--bridge-name", "br-0", "--bridge-subnet", "10.9.1.0/24"]);
+    let b = Wsnic::start(&ns, &["--bridge-name", "br_0", "--bridge-subnet", "10.9.2.0/24", "--ws-server-port", "8071"]);
+    let tables = ns.nft_tables();
+    assert!(tables.contains("wsnic_br_2d0") && tables.contains("wsnic_br__0"), "{tables}");
+    let rules = |t: &str| String::from_utf8_lossy(&ns.exec("nft", &["list", "table", "ip", t]).stdout).into_owned();
+    assert!(rules("wsnic_br_2d0").contains("daddr 10.9.1.1 "), "{}", rules("wsnic_br_2d0"));
+    assert_eq!(b.stop(), 0);
+    assert!(rules("wsnic_br_2d0").contains("daddr 10.9.1.1 "), "a's table after b stopped: {}", ns.nft_tables());
+    assert_eq!(a.stop(), 0);
+    assert!(!ns.nft_tables().contains("wsnic_"), "{}", ns.nft_tables());
+}
+
 /// SIGHUP re-reads the file: limits change for new connections, settings that need a restart
 /// are named, a bad file keeps the running configuration, and connected clients stay.
 #[test]
