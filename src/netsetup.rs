@@ -4,7 +4,8 @@
 //! Before changing anything, what is about to change is written to a state file under
 //! `/run/wsnic/` (one per network namespace and bridge). A run that dies (SIGKILL) leaves the
 //! file behind; the next start reads it and undoes exactly what it lists, restoring the
-//! `ip_forward` value from before the crashed run. After a reboot `/run` is empty and so is
+//! `ip_forward` value from before the crashed run (and what switching it on changed besides:
+//! `accept_redirects`, interfaces' `forwarding`). After a reboot `/run` is empty and so is
 //! the kernel's state: nothing to repair. A bridge of the configured name that exists without
 //! a state file is someone else's: it is adopted (address added if missing) and left in place.
 
@@ -27,6 +28,11 @@ struct Record {
     addr: Option<(Ipv4Addr, u8)>,
     table: String,
     ip_forward_before: Option<String>,
+    /// Parameters that switching `ip_forward` on changes as well (the kernel sets
+    /// `conf/all/accept_redirects` to its opposite, and `conf/default` and every interface's
+    /// `forwarding` to it), with their values from before: put back after `ip_forward`. Only
+    /// when `ip_forward` was 0 (else we do not change it).
+    after_ip_forward: Vec<(String, String)>,
     /// The bridge's `disable_ipv6` before we set it (the egress policy is IPv4 only, so IPv6
     /// from clients to the host is switched off on the bridge).
     ipv6_before: Option<String>,
@@ -43,6 +49,9 @@ impl Record {
         }
         if let Some(v) = &self.ip_forward_before {
             s += &format!("ip_forward_before={v}\n");
+        }
+        for (name, v) in &self.after_ip_forward {
+            s += &format!("after_ip_forward={name} {v}\n"); // names have no whitespace
         }
         if let Some(v) = &self.ipv6_before {
             s += &format!("ipv6_before={v}\n");
@@ -64,6 +73,10 @@ impl Record {
                     r.addr = Some((a.parse().ok()?, p.parse().ok()?));
                 }
                 "ip_forward_before" => r.ip_forward_before = Some(v.to_string()),
+                "after_ip_forward" => {
+                    let (name, v) = v.rsplit_once(' ')?;
+                    r.after_ip_forward.push((name.to_string(), v.to_string()));
+                }
                 "ipv6_before" => r.ipv6_before = Some(v.to_string()),
                 _ => return None,
             }
@@ -153,13 +166,22 @@ impl Network {
             }
             log::info!("adopting existing bridge {} (it will be left in place at exit)", cfg.bridge_name);
         }
+        let forwarding = sysctl::read(IP_FORWARD).map_err(ctx(|| IP_FORWARD.into()))?;
+        let (ip_forward_before, after_ip_forward) = match other_instances(&cfg.bridge_name).next() {
+            // Another live wsnic here switched it on: whichever of us stops last puts back
+            // what was there before the first.
+            Some(other) if forwarding == "1" => (other.ip_forward_before, other.after_ip_forward),
+            _ if forwarding == "0" => (Some(forwarding), forwarding_side_effects()),
+            _ => (Some(forwarding), Vec::new()),
+        };
         let mut record = Record {
             pid: std::process::id(),
             bridge: cfg.bridge_name.clone(),
             bridge_created: existing.is_none(),
             addr: None,
             table: cfg.nft_table(),
-            ip_forward_before: Some(sysctl::read(IP_FORWARD).map_err(ctx(|| IP_FORWARD.into()))?),
+            ip_forward_before,
+            after_ip_forward,
             ipv6_before: None,
         };
         let mut net = Network {
@@ -267,18 +289,50 @@ fn disable_ipv6(ifname: &str) -> String {
     format!("net/ipv6/conf/{ifname}/disable_ipv6")
 }
 
-/// Does another live wsnic (with another bridge) have a state file in this namespace?
-fn other_instance_running(bridge: &str) -> bool {
-    let Ok(id) = crate::sys::netns_id() else { return false };
+/// The state files of the other live wsnic runs (other bridges) in this namespace.
+fn other_instance_files(bridge: &str) -> Vec<PathBuf> {
+    let Ok(id) = crate::sys::netns_id() else { return Vec::new() };
     let prefix = format!("netns{id}-");
-    let Ok(dir) = std::fs::read_dir(STATE_DIR) else { return false };
-    dir.filter_map(Result::ok).any(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        name.starts_with(&prefix)
-            && name.ends_with(".state")
-            && name != format!("{prefix}{bridge}.state")
-            && matches!(try_lock(&e.path()), Ok(None))
-    })
+    let Ok(dir) = std::fs::read_dir(STATE_DIR) else { return Vec::new() };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&prefix)
+                && name.ends_with(".state")
+                && name != format!("{prefix}{bridge}.state")
+                && matches!(try_lock(&e.path()), Ok(None))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+/// What the other live wsnic runs in this namespace recorded.
+fn other_instances(bridge: &str) -> impl Iterator<Item = Record> {
+    other_instance_files(bridge)
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok().and_then(|t| Record::parse(&t)))
+}
+
+/// What switching `ip_forward` from 0 to 1 changes besides it, and back to 0 does not put
+/// back (`devinet.c`, `inet_forward_change`): `conf/all/accept_redirects`, and the
+/// `forwarding` of `conf/default` and of every interface.
+fn forwarding_side_effects() -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    let mut keep = |name: String| {
+        if let Ok(value) = sysctl::read(&name) {
+            v.push((name, value));
+        }
+    };
+    keep("net/ipv4/conf/all/accept_redirects".into());
+    if let Ok(dir) = std::fs::read_dir("/proc/sys/net/ipv4/conf") {
+        for e in dir.filter_map(Result::ok) {
+            let dev = e.file_name().to_string_lossy().into_owned();
+            if dev != "all" {
+                keep(format!("net/ipv4/conf/{dev}/forwarding"));
+            }
+        }
+    }
+    v
 }
 
 /// Undo what `r` records; every step is idempotent and failures are logged, not fatal.
@@ -311,9 +365,19 @@ fn undo(nl: &mut Netlink, r: &Record) {
         // Put it back only if it is still what we set, and no other wsnic in this namespace
         // (another bridge) still needs forwarding.
         let still_ours = sysctl::read(IP_FORWARD).is_ok_and(|now| now == "1");
-        if still_ours && !other_instance_running(&r.bridge) {
+        if still_ours && other_instance_files(&r.bridge).is_empty() {
             if let Err(e) = sysctl::write(IP_FORWARD, v) {
                 log::error!("restoring {IP_FORWARD}={v}: {e}");
+            }
+            for (name, v) in &r.after_ip_forward {
+                match sysctl::read(name) {
+                    Ok(now) if now != *v => {
+                        if let Err(e) = sysctl::write(name, v) {
+                            log::error!("restoring {name}={v}: {e}");
+                        }
+                    }
+                    _ => {} // as it was, or the interface is gone
+                }
             }
         }
     }
@@ -332,6 +396,10 @@ mod tests {
             addr: Some((Ipv4Addr::new(192, 168, 2, 1), 24)),
             table: "wsnic_wsnicbr0".into(),
             ip_forward_before: Some("0".into()),
+            after_ip_forward: vec![
+                ("net/ipv4/conf/all/accept_redirects".into(), "0".into()),
+                ("net/ipv4/conf/a=b.1/forwarding".into(), "1".into()),
+            ],
             ipv6_before: Some("0".into()),
         };
         assert_eq!(Record::parse(&r.render()), Some(r));

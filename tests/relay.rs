@@ -232,6 +232,44 @@ fn sigterm_restores_everything() {
     assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "0");
 }
 
+/// Switching `ip_forward` on and off again changes more than it (the kernel sets
+/// `conf.all.accept_redirects` to its opposite and every interface's `forwarding` to it):
+/// those are put back too.
+#[test]
+fn sigterm_restores_what_ip_forward_changed_besides() {
+    let ns = Netns::new("fwd");
+    ns.set_sysctl("net.ipv4.ip_forward", "0");
+    ns.set_sysctl("net.ipv4.conf.all.accept_redirects", "0"); // a hardened host
+    ns.ip(&["link", "add", "fwd0", "type", "veth", "peer", "name", "fwd1"]);
+    ns.set_sysctl("net.ipv4.conf.fwd0.forwarding", "1"); // forwarding on one interface only
+    let w = Wsnic::start(&ns, &[]);
+    assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "1");
+    assert_eq!(w.stop(), 0);
+    assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "0");
+    assert_eq!(ns.sysctl("net.ipv4.conf.all.accept_redirects"), "0");
+    assert_eq!(ns.sysctl("net.ipv4.conf.fwd0.forwarding"), "1");
+    assert_eq!(ns.sysctl("net.ipv4.conf.fwd1.forwarding"), "0");
+    assert_eq!(ns.sysctl("net.ipv4.conf.default.forwarding"), "0");
+}
+
+/// Two instances (two bridges): the one that stops last puts back `ip_forward` from before
+/// the first, whichever order they stop in.
+#[test]
+fn two_instances_restore_ip_forward_from_before_the_first() {
+    let ns = Netns::new("fwd2");
+    for first_stops_first in [true, false] {
+        ns.set_sysctl("net.ipv4.ip_forward", "0");
+        let a = Wsnic::start(&ns, &["--bridge-name", "br-a", "--bridge-subnet", "10.9.1.0/24"]);
+        let b =
+            Wsnic::start(&ns, &["--bridge-name", "br-b", "--bridge-subnet", "10.9.2.0/24", "--ws-server-port", "8071"]);
+        let (first, second) = if first_stops_first { (a, b) } else { (b, a) };
+        assert_eq!(first.stop(), 0);
+        assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "1", "the other still forwards");
+        assert_eq!(second.stop(), 0);
+        assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "0", "first_stops_first: {first_stops_first}");
+    }
+}
+
 #[test]
 fn sigkill_then_restart_repairs() {
     let ns = Netns::new("kill");
