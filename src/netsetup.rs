@@ -34,8 +34,12 @@ struct Record {
     /// when `ip_forward` was 0 (else we do not change it).
     after_ip_forward: Vec<(String, String)>,
     /// The bridge's `disable_ipv6` before we set it (the egress policy is IPv4 only, so IPv6
-    /// from clients to the host is switched off on the bridge).
+    /// from clients to the host is switched off on the bridge). Only on a bridge we create:
+    /// earlier versions set it on adopted bridges too, and their state files may say so.
     ipv6_before: Option<String>,
+    /// The `bridge` family table that keeps clients' IPv6 from the host on an adopted bridge
+    /// (where switching IPv6 off would delete the owner's IPv6 addresses for good).
+    ipv6_filter: bool,
 }
 
 impl Record {
@@ -55,6 +59,9 @@ impl Record {
         }
         if let Some(v) = &self.ipv6_before {
             s += &format!("ipv6_before={v}\n");
+        }
+        if self.ipv6_filter {
+            s += "ipv6_filter=true\n";
         }
         s
     }
@@ -78,6 +85,7 @@ impl Record {
                     r.after_ip_forward.push((name.to_string(), v.to_string()));
                 }
                 "ipv6_before" => r.ipv6_before = Some(v.to_string()),
+                "ipv6_filter" => r.ipv6_filter = v.parse().ok()?,
                 _ => return None,
             }
         }
@@ -183,6 +191,7 @@ impl Network {
             ip_forward_before,
             after_ip_forward,
             ipv6_before: None,
+            ipv6_filter: false,
         };
         let mut net = Network {
             bridge_index: 0,
@@ -238,6 +247,17 @@ impl Network {
         self.nl.set_up(index).map_err(ctx(|| format!("bringing {br} up")))?;
         let cidrs = |v: &[crate::config::Ipv4Net]| v.iter().map(|n| (n.addr, n.prefix)).collect::<Vec<_>>();
         let (allow, deny) = (cidrs(&cfg.egress_allow), cidrs(&cfg.egress_deny));
+        // The egress policy is IPv4: without more, a client could reach the host's services
+        // over the bridge's IPv6 addresses. A bridge we create gets IPv6 switched off (below);
+        // on an adopted one that would delete its owner's static IPv6 addresses, which
+        // switching it back on does not restore, so there a `bridge` table drops the
+        // clients' IPv6 to the host instead.
+        let ipv6_filter = cfg.egress_policy && existing.is_some();
+        if ipv6_filter {
+            record.ipv6_filter = true;
+            self.record.ipv6_filter = true;
+            self.save()?;
+        }
         firewall::apply(&firewall::NatRules {
             table: &record.table,
             subnet: cfg.bridge_subnet.network(),
@@ -248,12 +268,12 @@ impl Network {
             restrict_inbound: cfg.bridge_restrict_inbound,
             client_isolation: cfg.client_isolation,
             egress: cfg.egress_policy.then_some(firewall::Egress { gateway: addr, allow: &allow, deny: &deny }),
+            ipv6_ports: ipv6_filter.then_some(cfg.tap_prefix.as_str()),
         })
         .map_err(ctx(|| format!("nftables table {}", record.table)))?;
-        if cfg.egress_policy {
-            // The nft table is IPv4: without this a client could reach the host's services over
-            // the bridge's link-local IPv6 address. The kernel then drops IPv6 to the host on
-            // the bridge; IPv6 between clients is bridged and unaffected.
+        if cfg.egress_policy && existing.is_none() {
+            // The kernel then drops IPv6 to the host on the bridge; IPv6 between clients is
+            // bridged and unaffected.
             let knob = disable_ipv6(br);
             if let Ok(before) = sysctl::read(&knob) {
                 record.ipv6_before = Some(before);
@@ -337,7 +357,7 @@ fn forwarding_side_effects() -> Vec<(String, String)> {
 
 /// Undo what `r` records; every step is idempotent and failures are logged, not fatal.
 fn undo(nl: &mut Netlink, r: &Record) {
-    if let Err(e) = firewall::remove(&r.table) {
+    if let Err(e) = firewall::remove(&r.table, r.ipv6_filter) {
         log::error!("removing nftables table {}: {e}", r.table);
     }
     match nl.link_index(&r.bridge) {
@@ -401,6 +421,7 @@ mod tests {
                 ("net/ipv4/conf/a=b.1/forwarding".into(), "1".into()),
             ],
             ipv6_before: Some("0".into()),
+            ipv6_filter: true,
         };
         assert_eq!(Record::parse(&r.render()), Some(r));
         assert_eq!(Record::parse("garbage"), None);

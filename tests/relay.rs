@@ -308,6 +308,39 @@ fn existing_bridge_is_adopted_and_left() {
     assert!(!ns.ip(&["addr", "show", "wsnicbr0"]).contains("192.168.2.1"), "our address stayed");
 }
 
+/// An adopted bridge keeps its IPv6 addresses (switching IPv6 off on it would delete them for
+/// good), and with the egress policy clients still cannot reach the host over them.
+#[test]
+fn an_adopted_bridge_keeps_its_ipv6_and_clients_do_not_reach_the_host_over_it() {
+    let ns = Netns::new("adopt6");
+    ns.ip(&["link", "add", "wsnicbr0", "type", "bridge"]);
+    ns.ip(&["link", "set", "wsnicbr0", "up"]);
+    ns.ip(&["-6", "addr", "add", "fd00:1::1/64", "dev", "wsnicbr0", "nodad"]);
+    let has_v6 = || ns.ip(&["-6", "addr", "show", "dev", "wsnicbr0"]).contains("fd00:1::1/64");
+    // ICMPv6 echo requests that reached the namespace's own stack.
+    let echos = || -> u64 {
+        let text = String::from_utf8_lossy(&ns.exec("cat", &["/proc/net/snmp6"]).stdout).into_owned();
+        text.lines().find_map(|l| l.strip_prefix("Icmp6InEchos")).unwrap().trim().parse().unwrap()
+    };
+    // Without the egress policy the echo reaches the host (the test can see one), with it not.
+    for (egress, i) in [("false", 36u8), ("true", 37)] {
+        let w = Wsnic::start(&ns, &["--egress-policy", egress]);
+        let mut g = Guest::connect(&ns, mac(i), ip(i));
+        let gw = g.arp(GW);
+        assert!(has_v6(), "the bridge's own IPv6 address was deleted (egress_policy={egress})");
+        let before = echos();
+        let src: std::net::Ipv6Addr = format!("fd00:1::{i}").parse().unwrap();
+        for seq in 0..3 {
+            g.send(frames::icmp6_echo(g.mac, gw, src, "fd00:1::1".parse().unwrap(), seq));
+        }
+        let reached = eventually(2 * SEC, || echos() >= before + 3);
+        assert_eq!(reached, egress == "false", "egress_policy={egress}: {} echos reached the host", echos() - before);
+        assert_eq!(w.stop(), 0);
+        assert!(has_v6(), "gone after the run (egress_policy={egress})");
+        assert!(!ns.nft_tables().contains("wsnic"), "{}", ns.nft_tables());
+    }
+}
+
 /// On an adopted bridge that runs STP the kernel refuses to disable a port, so no finished
 /// client's TAP can be kept as a spare: each is deleted, and the log says why once, at info.
 #[test]

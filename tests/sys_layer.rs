@@ -174,6 +174,7 @@ fn rules<'a>(table: &'a str, uplink: &'a str, masquerade: bool, restrict: bool) 
         restrict_inbound: restrict,
         client_isolation: false,
         egress: None,
+        ipv6_ports: None,
     }
 }
 
@@ -186,7 +187,7 @@ fn firewall_apply_replace_remove() {
         let t = "wsnic_t";
         run(&["nft", "add table inet keep; add chain inet keep c"]);
         assert!(!firewall::table_exists(t).unwrap());
-        firewall::remove(t).unwrap(); // absent table: fine
+        firewall::remove(t, false).unwrap(); // absent table: fine
 
         firewall::apply(&rules(t, "eth9", true, false)).unwrap();
         assert!(firewall::table_exists(t).unwrap());
@@ -206,8 +207,15 @@ fn firewall_apply_replace_remove() {
         let tables = run(&["nft", "list", "tables"]);
         assert_eq!(tables.matches(&format!("table ip {t}\n")).count(), 1, "{tables}");
 
-        firewall::remove(t).unwrap();
-        firewall::remove(t).unwrap();
+        // The bridge family twin (adopted bridges): IPv6 from the clients' ports to the host.
+        firewall::apply(&NatRules { ipv6_ports: Some("wsn"), ..rules(t, "eth8", false, true) }).unwrap();
+        let listing = run(&["nft", "list", "table", "bridge", t]);
+        assert!(listing.contains(r#"iifname "wsn*" ether type ip6 drop"#), "{listing}");
+        firewall::remove(t, true).unwrap();
+        assert!(!run(&["nft", "list", "tables"]).contains(t));
+
+        firewall::remove(t, false).unwrap();
+        firewall::remove(t, true).unwrap();
         assert!(!firewall::table_exists(t).unwrap());
         // The unrelated table was never touched.
         let keep = run(&["nft", "list", "table", "inet", "keep"]);
@@ -349,7 +357,7 @@ fn firewall_egress_policy_rules() {
         firewall::apply(&r).unwrap();
         let listing = run(&["nft", "list", "table", "ip", t]);
         assert!(!listing.contains("chain input") && !listing.contains(r#"iifname "wsbr0" drop"#), "{listing}");
-        firewall::remove(t).unwrap();
+        firewall::remove(t, false).unwrap();
         assert!(!firewall::table_exists(t).unwrap());
     });
 }

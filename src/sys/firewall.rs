@@ -1,7 +1,9 @@
 //! wsnic's own nftables table (family `ip`): source NAT of the bridge subnet
 //! to the uplink, forwarding rules between bridge and uplink and, optionally,
-//! an egress policy for traffic entering from the bridge. Every change is one
-//! `nft -f -` script, which nft applies as a single atomic kernel transaction.
+//! an egress policy for traffic entering from the bridge; on an adopted bridge
+//! with the egress policy, a table of the same name in family `bridge` that keeps
+//! the clients' IPv6 from the host. Every change is one `nft -f -` script, which
+//! nft applies as a single atomic kernel transaction.
 //! No other table is ever modified; other tables are only read, to warn about
 //! forward chains that would drop wsnic's traffic.
 
@@ -27,6 +29,11 @@ pub struct NatRules<'a> {
     pub client_isolation: bool,
     /// Restrict where clients may go; `None` leaves them unrestricted.
     pub egress: Option<Egress<'a>>,
+    /// Drop IPv6 frames that bridge ports named `PREFIX*` (the clients' TAPs) send to the
+    /// host itself, in a `bridge` family table of the same name; bridged IPv6 between
+    /// ports passes. For an adopted bridge, whose IPv6 wsnic leaves on: the `ip` table's
+    /// egress policy is IPv4 only.
+    pub ipv6_ports: Option<&'a str>,
 }
 
 /// Egress policy for traffic entering from the bridge: to the host only DHCP,
@@ -72,7 +79,16 @@ pub fn render(r: &NatRules) -> String {
     let prefix = r.prefix.min(32);
     let net = cidr(r.subnet, prefix);
 
-    let mut s = format!("table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n");
+    let mut s = String::new();
+    if let Some(ports) = r.ipv6_ports {
+        let _ = write!(
+            s,
+            "table bridge {table}\ndelete table bridge {table}\ntable bridge {table} {{\n\tchain input {{\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tiifname \"{ports}*\" ether type ip6 drop\n\t}}\n}}\n"
+        );
+    }
+    let _ = write!(s, "table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n");
     s.push_str("\tchain postrouting {\n");
     s.push_str("\t\ttype nat hook postrouting priority srcnat; policy accept;\n");
     if let (true, Some(up)) = (r.masquerade, r.uplink) {
@@ -146,8 +162,8 @@ fn set(nets: &[(Ipv4Addr, u8)]) -> String {
 pub fn apply(r: &NatRules) -> io::Result<()> {
     check_table(r.table)?;
     check_ifname(r.bridge)?;
-    if let Some(up) = r.uplink {
-        check_ifname(up)?;
+    for name in r.uplink.iter().chain(&r.ipv6_ports) {
+        check_ifname(name)?;
     }
     let egress_nets = r.egress.iter().flat_map(|e| e.allow.iter().chain(e.deny));
     for &(addr, prefix) in std::iter::once(&(r.subnet, r.prefix)).chain(egress_nets) {
@@ -158,10 +174,14 @@ pub fn apply(r: &NatRules) -> io::Result<()> {
     nft(&["-f", "-"], Some(&render(r))).map(drop)
 }
 
-/// Atomically delete the table; succeeds if it does not exist.
-pub fn remove(table: &str) -> io::Result<()> {
+/// Atomically delete the table, and its `bridge` family twin with `bridge_family`;
+/// succeeds if they do not exist.
+pub fn remove(table: &str, bridge_family: bool) -> io::Result<()> {
     check_table(table)?;
-    let script = format!("table ip {table}\ndelete table ip {table}\n");
+    let mut script = format!("table ip {table}\ndelete table ip {table}\n");
+    if bridge_family {
+        let _ = write!(script, "table bridge {table}\ndelete table bridge {table}\n");
+    }
     nft(&["-f", "-"], Some(&script)).map(drop)
 }
 
@@ -504,6 +524,7 @@ mod tests {
             restrict_inbound,
             client_isolation: false,
             egress: None,
+            ipv6_ports: None,
         }
     }
 

@@ -1,6 +1,6 @@
 //! Ethernet/ARP/IPv4/ICMP frames for tests, built and recognised by hand.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const BROADCAST: [u8; 6] = [0xff; 6];
 
@@ -54,6 +54,29 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
     h[10..12].copy_from_slice(&c.to_be_bytes());
     h.extend(payload);
     h
+}
+
+/// An ICMPv6 echo request from `src` to `dst`.
+#[allow(dead_code)] // not every test binary uses it
+pub fn icmp6_echo(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr, seq: u16) -> Vec<u8> {
+    let mut icmp = vec![128, 0, 0, 0, 0x12, 0x34];
+    icmp.extend(seq.to_be_bytes());
+    icmp.extend(b"wsnic");
+    let mut pseudo = Vec::new();
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend((icmp.len() as u32).to_be_bytes());
+    pseudo.extend([0, 0, 0, 58]);
+    pseudo.extend(&icmp);
+    let c = checksum(&pseudo);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend((icmp.len() as u16).to_be_bytes());
+    ip.extend([58, 64]);
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    ip.extend(icmp);
+    eth(dst_mac, src_mac, 0x86dd, &ip)
 }
 
 /// ICMP echo request (type 8) or reply (type 0).
