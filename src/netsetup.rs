@@ -115,17 +115,29 @@ fn ctx(what: impl FnOnce() -> String) -> impl FnOnce(io::Error) -> String {
 
 /// Take the lock that marks a live run for `state` (its `.lock` sibling). `Ok(None)`: another
 /// live process holds it. The kernel drops the lock when its holder dies, however it dies.
+///
+/// A run that exits removes its lock file after its last use; a start that opened the file
+/// just before could then lock a file no longer in the directory, and a third start would
+/// lock a new one beside it. So a lock counts only if the path still names the locked file.
 fn try_lock(state: &std::path::Path) -> io::Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
     std::fs::create_dir_all(STATE_DIR)?;
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(state.with_extension("lock"))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(Some(f));
-    }
-    match io::Error::last_os_error() {
-        e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
-        e => Err(e),
+    let path = state.with_extension("lock");
+    loop {
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+                e => Err(e),
+            };
+        }
+        let (held, named) = (f.metadata()?, std::fs::metadata(&path));
+        if named.is_ok_and(|n| (n.dev(), n.ino()) == (held.dev(), held.ino())) {
+            return Ok(Some(f));
+        }
+        // Unlinked while we locked it: try again with the file the path names now.
     }
 }
 
@@ -144,9 +156,21 @@ impl Network {
                         old.pid,
                         state_path.display()
                     );
-                    undo(&mut nl, &old);
+                    if !undo(&mut nl, &old) {
+                        return Err(format!(
+                            "could not put back everything a previous run left (see above); the record of it stays in \
+                             {}, and the next start tries again",
+                            state_path.display()
+                        ));
+                    }
                 }
-                None => log::warn!("ignoring unreadable state file {}", state_path.display()),
+                None => {
+                    return Err(format!(
+                        "unreadable state file {}: a previous run may have left a bridge, an nftables table or \
+                         sysctls behind; check them and remove the file",
+                        state_path.display()
+                    ))
+                }
             }
             let _ = std::fs::remove_file(&state_path);
         }
@@ -209,7 +233,10 @@ impl Network {
             return Err(e);
         }
         net.record = record;
-        net.save()?;
+        if let Err(e) = net.save() {
+            net.down();
+            return Err(e);
+        }
         match net.nl.link_mac(net.bridge_index) {
             Ok(Some(mac)) => net.bridge_mac = mac,
             r => {
@@ -228,14 +255,20 @@ impl Network {
         let br = &cfg.bridge_name;
         let index = match existing {
             Some(i) => i,
-            None => {
-                let i = self.nl.create_bridge(br).map_err(ctx(|| format!("creating bridge {br}")))?;
-                // A fixed MAC: the gateway's stays the same as clients come and go, and
-                // across restarts, so guests' ARP caches stay right.
-                let mac = crate::sys::stable_mac(br);
-                self.nl.set_mac_up(i, mac).map_err(ctx(|| format!("setting the MAC of {br}")))?;
-                i
-            }
+            // A fixed MAC: the gateway's stays the same as clients come and go, and across
+            // restarts, so guests' ARP caches stay right. It is also how `undo` knows the
+            // bridge of that name is still the one we made.
+            None => match self.nl.create_bridge(br, crate::sys::stable_mac(br)) {
+                Ok(i) => i,
+                Err(e) => {
+                    if e.raw_os_error() == Some(libc::EEXIST) {
+                        // Someone made it since we looked: not ours to delete.
+                        record.bridge_created = false;
+                        self.record.bridge_created = false;
+                    }
+                    return Err(format!("creating bridge {br}: {e}"));
+                }
+            },
         };
         self.bridge_index = index;
         let (addr, prefix) = (cfg.bridge_addr(), cfg.bridge_subnet.prefix);
@@ -298,7 +331,7 @@ impl Network {
 
     /// Put back everything this run changed.
     pub fn down(mut self) {
-        undo(&mut self.nl, &self.record);
+        let _ = undo(&mut self.nl, &self.record); // failures are logged
         let _ = std::fs::remove_file(&self.state_path);
         let _ = std::fs::remove_file(self.state_path.with_extension("lock"));
     }
@@ -355,31 +388,41 @@ fn forwarding_side_effects() -> Vec<(String, String)> {
     v
 }
 
-/// Undo what `r` records; every step is idempotent and failures are logged, not fatal.
-fn undo(nl: &mut Netlink, r: &Record) {
+/// Undo what `r` records; every step is idempotent. Failures are logged, and the result says
+/// whether everything was put back.
+fn undo(nl: &mut Netlink, r: &Record) -> bool {
+    let mut ok = true;
+    let mut failed = |what: String| {
+        log::error!("{what}");
+        ok = false;
+    };
     if let Err(e) = firewall::remove(&r.table, r.ipv6_filter) {
-        log::error!("removing nftables table {}: {e}", r.table);
+        failed(format!("removing nftables table {}: {e}", r.table));
     }
     match nl.link_index(&r.bridge) {
         Ok(Some(i)) if r.bridge_created => {
-            if let Err(e) = nl.delete_link(i) {
-                log::error!("deleting bridge {}: {e}", r.bridge);
+            // Created with our MAC in the same request: a bridge of that name without it was
+            // made by someone else after ours was gone (or changed by hand), and is left alone.
+            if nl.link_mac(i).ok().flatten() != Some(crate::sys::stable_mac(&r.bridge)) {
+                log::warn!("not deleting bridge {}: its MAC is not the one wsnic gave it", r.bridge);
+            } else if let Err(e) = nl.delete_link(i) {
+                failed(format!("deleting bridge {}: {e}", r.bridge));
             }
         }
         Ok(Some(i)) => {
             if let Some(v) = &r.ipv6_before {
                 if let Err(e) = sysctl::write(&disable_ipv6(&r.bridge), v) {
-                    log::error!("restoring IPv6 on {}: {e}", r.bridge);
+                    failed(format!("restoring IPv6 on {}: {e}", r.bridge));
                 }
             }
             if let Some((a, p)) = r.addr {
                 if let Err(e) = nl.del_ipv4(i, a, p) {
-                    log::error!("removing {a}/{p} from {}: {e}", r.bridge);
+                    failed(format!("removing {a}/{p} from {}: {e}", r.bridge));
                 }
             }
         }
         Ok(None) => {}
-        Err(e) => log::error!("netlink: {e}"),
+        Err(e) => failed(format!("netlink: {e}")),
     }
     if let Some(v) = &r.ip_forward_before {
         // Put it back only if it is still what we set, and no other wsnic in this namespace
@@ -387,13 +430,13 @@ fn undo(nl: &mut Netlink, r: &Record) {
         let still_ours = sysctl::read(IP_FORWARD).is_ok_and(|now| now == "1");
         if still_ours && other_instance_files(&r.bridge).is_empty() {
             if let Err(e) = sysctl::write(IP_FORWARD, v) {
-                log::error!("restoring {IP_FORWARD}={v}: {e}");
+                failed(format!("restoring {IP_FORWARD}={v}: {e}"));
             }
             for (name, v) in &r.after_ip_forward {
                 match sysctl::read(name) {
                     Ok(now) if now != *v => {
                         if let Err(e) = sysctl::write(name, v) {
-                            log::error!("restoring {name}={v}: {e}");
+                            failed(format!("restoring {name}={v}: {e}"));
                         }
                     }
                     _ => {} // as it was, or the interface is gone
@@ -401,6 +444,7 @@ fn undo(nl: &mut Netlink, r: &Record) {
             }
         }
     }
+    ok
 }
 
 #[cfg(test)]

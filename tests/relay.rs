@@ -291,6 +291,56 @@ fn sigkill_then_restart_repairs() {
     assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "0", "the value from before the crashed run is restored");
 }
 
+/// The state file a SIGKILLed run left in /run/wsnic (other tests' runs leave theirs there
+/// too: it is found by the dead run's pid).
+fn state_file_of(pid: u32) -> std::path::PathBuf {
+    std::fs::read_dir("/run/wsnic")
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "state")
+                && std::fs::read_to_string(p).is_ok_and(|t| t.lines().next() == Some(&format!("pid={pid}")))
+        })
+        .expect("the killed run's state file")
+}
+
+/// Crash repair deletes a bridge the dead run created only if it is still that bridge (it has
+/// the MAC wsnic gives its own): one made by someone else since is adopted and left.
+#[test]
+fn crash_repair_leaves_a_bridge_someone_else_made_since() {
+    let ns = Netns::new("kill2");
+    let mut w = Wsnic::start(&ns, &[]);
+    w.signal("KILL");
+    w.wait_exit();
+    let log = w.log.clone();
+    drop(w);
+    ns.ip(&["link", "del", "wsnicbr0"]);
+    ns.ip(&["link", "add", "wsnicbr0", "address", "02:aa:bb:cc:dd:ee", "type", "bridge"]);
+    let mut w = Wsnic::start_logging(&ns, &[], log);
+    w.wait_log("not deleting bridge wsnicbr0", 5 * SEC);
+    w.wait_log("adopting existing bridge", 5 * SEC);
+    assert_eq!(w.stop(), 0);
+    assert!(ns.link_exists("wsnicbr0"), "someone else's bridge was deleted");
+}
+
+/// A state file that cannot be read may stand for state left behind: wsnic says so and does
+/// not start over it.
+#[test]
+fn an_unreadable_state_file_stops_the_start() {
+    let ns = Netns::new("kill3");
+    let mut w = Wsnic::start(&ns, &[]);
+    w.signal("KILL");
+    w.wait_exit();
+    let state = state_file_of(w.child.id());
+    std::fs::write(&state, "garbage\n").unwrap();
+    let out = ns.cmd("timeout").args(["10", support::BIN]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let _ = std::fs::remove_file(&state);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("unreadable state file"), "{err}");
+}
+
 #[test]
 fn existing_bridge_is_adopted_and_left() {
     let ns = Netns::new("adopt");

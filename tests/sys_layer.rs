@@ -74,15 +74,17 @@ fn bridge_lifecycle() {
         let err = nl.link_index("name-far-too-long").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
 
-        let br = nl.create_bridge("wsbr-t").unwrap();
+        let mac = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+        let br = nl.create_bridge("wsbr-t", mac).unwrap();
         assert_eq!(nl.link_index("wsbr-t").unwrap(), Some(br));
+        assert_eq!(nl.link_mac(br).unwrap(), Some(mac), "the MAC is set at creation");
         assert_eq!(nl.link_name(br).unwrap().as_deref(), Some("wsbr-t"));
         assert!(nl.link_is_bridge(br).unwrap());
         let details = run(&["ip", "-d", "-j", "link", "show", "dev", "wsbr-t"]);
         assert!(details.contains(r#""mcast_snooping":0"#), "multicast snooping is on: {details}");
         let lo = nl.link_index("lo").unwrap().unwrap();
         assert!(!nl.link_is_bridge(lo).unwrap());
-        let err = nl.create_bridge("wsbr-t").unwrap_err();
+        let err = nl.create_bridge("wsbr-t", mac).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
 
         let gw = Ipv4Addr::new(10, 9, 0, 1);
@@ -446,7 +448,7 @@ fn client(nl: &mut Netlink, br: u32, host_end: &str, addr: &str, gw: &str) -> Pe
 }
 
 fn bridge_with_addr(nl: &mut Netlink, name: &str, cidr: &str) -> u32 {
-    let br = nl.create_bridge(name).unwrap();
+    let br = nl.create_bridge(name, wsnic::sys::stable_mac(name)).unwrap();
     run(&["ip", "addr", "add", cidr, "dev", name]);
     nl.set_up(br).unwrap();
     br

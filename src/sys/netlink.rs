@@ -114,10 +114,14 @@ impl Netlink {
     /// snooping on, every port that comes up or goes down makes the kernel walk every
     /// other port of the bridge (`br_port_state_selection` → `br_multicast_enable_port`)
     /// under the RTNL lock, a cost that grows with the number of clients.
-    pub fn create_bridge(&mut self, name: &str) -> io::Result<u32> {
+    ///
+    /// `mac` is set in the same request, so a bridge of ours always has it (and one without
+    /// it is not ours).
+    pub fn create_bridge(&mut self, name: &str, mac: [u8; 6]) -> io::Result<u32> {
         check_ifname(name)?;
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Bridge),
             LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::MulticastSnooping(false)])),
