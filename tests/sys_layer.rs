@@ -748,6 +748,29 @@ fn a_discarded_tap_is_deleted_never_kept() {
     });
 }
 
+/// `set_keep` (a reload that changes `max_clients`) bounds the spares kept from then on.
+#[test]
+fn the_spare_limit_can_change() {
+    use wsnic::relay::reaper::Reaper;
+    in_netns(|| {
+        let mut nl = Netlink::open().unwrap();
+        let br = bridge_with_addr(&mut nl, "tbr0", "10.81.0.1/24");
+        let reaper = Reaper::start(br, 4, Duration::from_secs(60)).unwrap();
+        reaper.set_keep(1);
+        for _ in 0..3 {
+            let t = port_tap(&mut nl, br);
+            reaper.reap(t);
+        }
+        assert_eq!(settled_taps(&reaper).len(), 1, "one spare kept, two deleted");
+        reaper.set_keep(3);
+        for _ in 0..3 {
+            let t = port_tap(&mut nl, br);
+            reaper.reap(t);
+        }
+        assert_eq!(settled_taps(&reaper).len(), 3, "up to three now");
+    });
+}
+
 /// On a bridge that runs the kernel's STP (an adopted one can), the kernel refuses to set a
 /// port's state, so a finished TAP cannot be made a spare: every one is deleted, and the
 /// backlog still returns to zero.

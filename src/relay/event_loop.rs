@@ -262,9 +262,7 @@ impl Relay {
     pub fn run(&mut self, bridge_index: u32, netlink: &mut Netlink) -> io::Result<()> {
         self.bridge_index = bridge_index;
         if self.reaper.is_none() {
-            // Spares are bridge ports too: keep them only within the bridge's port limit.
-            let headroom = BRIDGE_PORTS.saturating_sub(self.settings.admission.max_clients) / self.shared.workers();
-            match Reaper::start(bridge_index, SPARE_TAPS.min(headroom), SPARE_TTL) {
+            match Reaper::start(bridge_index, self.spares_to_keep(), SPARE_TTL) {
                 Ok(r) => self.reaper = Some(r),
                 // TAPs then close on this thread: correct, only slower.
                 Err(e) => log::warn!("cannot start the TAP reaper thread: {e}"),
@@ -1004,6 +1002,12 @@ impl Relay {
     /// Settings that may change while running (SIGHUP): limits, authentication, rate limit,
     /// timeouts, status access. New connections use them; a new rate limit applies to new
     /// connections only.
+    /// Spares are bridge ports too: keep them only within the bridge's port limit, shared by
+    /// the workers, beside `max_clients`.
+    fn spares_to_keep(&self) -> usize {
+        spares_within(self.settings.admission.max_clients, self.shared.workers())
+    }
+
     pub fn update(&mut self, s: Settings, anti_spoofing: bool) {
         self.settings = Settings {
             tap_pattern: self.settings.tap_pattern.clone(),
@@ -1014,7 +1018,15 @@ impl Relay {
             ..s
         };
         self.policy.anti_spoofing = anti_spoofing;
+        if let Some(r) = &self.reaper {
+            r.set_keep(self.spares_to_keep()); // max_clients may have changed
+        }
     }
+}
+
+/// Spares per worker that fit beside `max_clients` in the bridge's port limit.
+fn spares_within(max_clients: usize, workers: usize) -> usize {
+    SPARE_TAPS.min(BRIDGE_PORTS.saturating_sub(max_clients) / workers.max(1))
 }
 
 /// The request target with any token hidden, for the log.

@@ -64,6 +64,8 @@ pub struct Reaper {
     /// or deleted.
     backlog: Arc<AtomicUsize>,
     spares: Arc<Mutex<Vec<(Tap, Instant)>>>,
+    /// At most this many spares ([`Reaper::set_keep`]).
+    keep: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -85,6 +87,8 @@ impl Reaper {
         let mut threads = Threads { available: Arc::clone(&threads_available) };
         let backlog = Arc::new(AtomicUsize::new(0));
         let handed = Arc::clone(&backlog);
+        let keep = Arc::new(AtomicUsize::new(keep));
+        let limit = Arc::clone(&keep);
         let thread = std::thread::Builder::new().name("wsnic-reaper".into()).spawn(move || {
             // Each TAP taken with whether it may be kept.
             let mut batch: Vec<(Tap, bool)> = Vec::with_capacity(BATCH);
@@ -112,7 +116,7 @@ impl Reaper {
                 for (t, may_keep) in batch.drain(..) {
                     // Only this thread adds spares, so there is still room when it pushes. The
                     // bridge is asked about snooping last: only for a TAP that could be kept.
-                    let room = kept.lock().expect("spares").len() < keep;
+                    let room = kept.lock().expect("spares").len() < limit.load(Ordering::Relaxed);
                     if !open || !room || !may_keep || t.is_threaded() || snoop.on(&mut nl, bridge, now) {
                         doomed.push(t);
                         continue;
@@ -144,7 +148,12 @@ impl Reaper {
                 }
             }
         })?;
-        Ok(Reaper { tx: Some(tx), threads_available, backlog, spares, thread: Some(thread) })
+        Ok(Reaper { tx: Some(tx), threads_available, backlog, spares, keep, thread: Some(thread) })
+    }
+
+    /// Keep at most `keep` spares from now on (those above it go within `ttl`).
+    pub fn set_keep(&self, keep: usize) {
+        self.keep.store(keep, Ordering::Relaxed);
     }
 
     /// Queue `tap` (out of every poll set) to be kept as a spare or removed; never blocks.
