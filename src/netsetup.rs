@@ -143,11 +143,23 @@ fn try_lock(state: &std::path::Path) -> io::Result<Option<std::fs::File>> {
 
 impl Network {
     pub fn up(cfg: &Config) -> Result<Network, String> {
-        let mut nl = Netlink::open().map_err(ctx(|| "netlink".into()))?;
+        let nl = Netlink::open().map_err(ctx(|| "netlink".into()))?;
         let state_path = state_path(&cfg.bridge_name).map_err(ctx(|| "network namespace".into()))?;
         let Some(lock) = try_lock(&state_path).map_err(ctx(|| format!("lock for {}", state_path.display())))? else {
             return Err(format!("another wsnic is running with bridge {} in this network namespace", cfg.bridge_name));
         };
+        // A start that fails leaves no lock file behind; the lock is held (through this
+        // duplicate) until it is unlinked, as `down` does.
+        let held = lock.try_clone().map_err(ctx(|| "lock".into()))?;
+        let up = Self::up_locked(cfg, nl, state_path.clone(), lock);
+        if up.is_err() {
+            let _ = std::fs::remove_file(state_path.with_extension("lock"));
+        }
+        drop(held);
+        up
+    }
+
+    fn up_locked(cfg: &Config, mut nl: Netlink, state_path: PathBuf, lock: std::fs::File) -> Result<Network, String> {
         if let Ok(text) = std::fs::read_to_string(&state_path) {
             match Record::parse(&text) {
                 Some(old) => {

@@ -339,6 +339,7 @@ fn an_unreadable_state_file_stops_the_start() {
     let _ = std::fs::remove_file(&state);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("unreadable state file"), "{err}");
+    assert!(!state.with_extension("lock").exists(), "a failed start leaves no lock file");
 }
 
 #[test]
