@@ -81,11 +81,12 @@ fn same_secret(a: &str, b: &str) -> bool {
     x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
 }
 
-/// The token a client presented: `?token=…` in the query, or the whole path `/…`.
+/// The token a client presented: the first `?token=…` in the query, or the whole path `/…`.
+/// Only the first: one request must not be able to try hundreds of guesses.
 fn presented_tokens(target: &str) -> impl Iterator<Item = &str> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let from_query = query.split('&').filter_map(|kv| kv.strip_prefix("token="));
-    from_query.chain(path.strip_prefix('/').filter(|p| !p.is_empty()))
+    let from_query = query.split('&').find_map(|kv| kv.strip_prefix("token="));
+    from_query.into_iter().chain(path.strip_prefix('/').filter(|p| !p.is_empty()))
 }
 
 impl Admission {
@@ -131,6 +132,7 @@ mod tests {
             origin: origin.map(Into::into),
             forwarded_for: None,
             accept: String::new(),
+            protocol: None,
         }
     }
 
@@ -160,7 +162,16 @@ mod tests {
         assert!(a.check(&up("/?token=s3cret", None), 0, 0).is_ok());
         assert!(a.check(&up("/?x=1&token=s3cret", None), 0, 0).is_ok());
         assert!(a.check(&up("/s3cret", None), 0, 0).is_ok());
-        for bad in ["/", "/?token=", "/?token=s3cre", "/?token=s3cret2", "/S3CRET", "/s3cret/", "/x?token=nope"] {
+        for bad in [
+            "/",
+            "/?token=",
+            "/?token=s3cre",
+            "/?token=s3cret2",
+            "/S3CRET",
+            "/s3cret/",
+            "/x?token=nope",
+            "/x?token=a&token=s3cret", // one guess per request
+        ] {
             let (why, r) = a.check(&up(bad, None), 0, 0).unwrap_err();
             assert_eq!((why, r.status), (Refused::Token, 401), "{bad}");
         }

@@ -1,6 +1,6 @@
 //! The operator's view over plain HTTP on the WebSocket port: /healthz, /metrics (parsed by
 //! the Prometheus project's own Python parser, `prometheus_client`), the status page, and
-//! `status_allow`.
+//! `status_allow` (also behind a proxy); and a real browser (headless Chromium) opening a WebSocket.
 
 mod support;
 
@@ -13,9 +13,14 @@ use support::{frames, Guest, Netns, Wsnic};
 const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 1);
 
 fn get(ns: &Netns, path: &str) -> (u16, String) {
+    get_with(ns, path, "")
+}
+
+/// GET `path` with extra header lines `headers` (each ending in CRLF).
+fn get_with(ns: &Netns, path: &str, headers: &str) -> (u16, String) {
     let mut s = ns.tcp("127.0.0.1:8070");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes()).unwrap();
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -93,6 +98,32 @@ fn status_allow_restricts_status_and_metrics() {
     assert_eq!(get(&ns, "/healthz").0, 200);
 }
 
+/// Behind a reverse proxy on the same host every request comes from loopback, which
+/// `status_allow` lets in by default: a request a proxy forwarded (it carries X-Forwarded-For,
+/// Forwarded or X-Real-IP) is judged by the client a trusted proxy names, and refused when no
+/// trusted proxy names one.
+#[test]
+fn status_through_a_proxy_is_judged_by_the_client() {
+    let ns = Netns::new("statusproxy");
+    let mut w = Wsnic::start(&ns, &[]);
+    assert_eq!(get(&ns, "/").0, 200, "loopback itself");
+    for h in ["X-Forwarded-For: 203.0.113.9\r\n", "X-Real-IP: 203.0.113.9\r\n", "Forwarded: for=203.0.113.9\r\n"] {
+        assert_eq!(get_with(&ns, "/", h).0, 403, "{h}: the proxy is not trusted");
+        assert_eq!(get_with(&ns, "/metrics", h).0, 403, "{h}");
+    }
+    assert_eq!(get_with(&ns, "/healthz", "X-Forwarded-For: 203.0.113.9\r\n").0, 200);
+    // The token as a path never reaches the log.
+    assert_eq!(get(&ns, "/s3cret-token").0, 426);
+    w.wait_log("HTTP GET /<path>", Duration::from_secs(5));
+    assert!(!w.log_text().contains("s3cret"), "{}", w.log_text());
+    drop(w);
+
+    let _w = Wsnic::start(&ns, &["--trusted-proxies", "127.0.0.1"]);
+    assert_eq!(get_with(&ns, "/", "X-Forwarded-For: 203.0.113.9\r\n").0, 403, "a remote client");
+    assert_eq!(get_with(&ns, "/", "X-Forwarded-For: 127.0.0.1\r\n").0, 200, "a client on the proxy's host");
+    assert_eq!(get_with(&ns, "/", "X-Real-IP: 127.0.0.1\r\n").0, 403, "no X-Forwarded-For: client unknown");
+}
+
 /// The status page in a real headless Chromium (Debian's `chromium`), inside the relay's
 /// namespace: the DOM it builds shows the connected client, and it renders to a screenshot.
 /// `WSNIC_SCREENSHOT=path` keeps the picture (docs/status-page.png was made that way).
@@ -133,4 +164,53 @@ fn status_page_in_headless_chromium() {
         std::fs::read(&shot).unwrap_or_else(|_| panic!("no screenshot: {}", String::from_utf8_lossy(&out.stderr)));
     assert!(png.starts_with(b"\x89PNG") && png.len() > 5_000, "{} bytes", png.len());
     let _ = std::fs::remove_dir_all(&profile);
+}
+
+/// A browser page that offers subprotocols (websockify-style clients offer `binary`) is
+/// connected: Chromium fails the connection unless the server names one of them.
+#[test]
+fn a_browser_offering_a_subprotocol_connects() {
+    let ns = Netns::new("chromiumws");
+    let _w = Wsnic::start(&ns, &[]);
+    let page = std::env::temp_dir().join(format!("{}.html", ns.name));
+    std::fs::write(
+        &page,
+        "<!doctype html><body><script>\n\
+         const ws = new WebSocket('ws://127.0.0.1:8070/', ['binary']);\n\
+         ws.onopen = () => { document.body.setAttribute('data-ws', 'open ' + ws.protocol); ws.close(); };\n\
+         ws.onerror = () => { document.body.setAttribute('data-ws', 'failed'); };\n\
+         </script></body>",
+    )
+    .unwrap();
+    let profile = std::env::temp_dir().join(format!("{}-profile", ns.name));
+    // --dump-dom does not always wait for the WebSocket's events: try again until the page
+    // has an answer either way.
+    let mut dom = String::new();
+    for _ in 0..5 {
+        let out = ns
+            .cmd("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("file://{}", page.display()))
+            .output()
+            .expect("chromium (Debian package `chromium`)");
+        dom = String::from_utf8_lossy(&out.stdout).into_owned();
+        if dom.contains("data-ws=") {
+            break;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&profile);
+    let _ = std::fs::remove_file(&page);
+    assert!(dom.contains("data-ws=\"open binary\""), "{dom}");
 }

@@ -16,7 +16,7 @@
 //! from other workers (shutdown, reload, takeovers) arrive through a `mio::Waker`.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -578,7 +578,20 @@ impl Relay {
                 self.freed.push(i);
             }
             Ok(Some(Outcome::Refuse(r))) => self.refuse(i, p, Refused::Malformed, r, now),
-            Ok(Some(Outcome::Plain { path })) => self.serve_http(i, p, &path, now),
+            Ok(Some(Outcome::Plain { path, forwarded_for, proxied })) => {
+                // Through a proxy the TCP peer is the proxy (often on loopback, which
+                // `status_allow` lets in): the client is the one the trusted proxy names, and
+                // without a trusted proxy naming one, nobody is let in.
+                let trusted = &self.settings.admission.trusted_proxies;
+                let client = match (proxied, forwarded_for) {
+                    (false, _) => Some(p.peer.ip()),
+                    (true, Some(xff)) if trusted.iter().any(|c| c.contains(p.peer.ip())) => {
+                        Some(client_ip(p.peer.ip(), Some(&xff), trusted))
+                    }
+                    (true, _) => None,
+                };
+                self.serve_http(i, p, &path, client, now)
+            }
             Ok(Some(Outcome::Partial)) => unreachable!(),
             Ok(Some(Outcome::Upgrade(u))) => {
                 let ip = client_ip(p.peer.ip(), u.forwarded_for.as_deref(), &self.settings.admission.trusted_proxies);
@@ -678,11 +691,12 @@ impl Relay {
         Ok(())
     }
 
-    /// A plain HTTP GET: `/healthz` for anyone; `/` (status page) and `/metrics` for
-    /// `status_allow`; anything else gets the "this is a WebSocket relay" text.
-    fn serve_http(&mut self, i: usize, p: Pending, target: &str, now: Instant) {
+    /// A plain HTTP GET: `/healthz` for anyone; `/` (status page) and `/metrics` for a
+    /// `client` in `status_allow` (None: not known); anything else gets the "this is a
+    /// WebSocket relay" text.
+    fn serve_http(&mut self, i: usize, p: Pending, target: &str, client: Option<IpAddr>, now: Instant) {
         let path = target.split('?').next().unwrap_or("/");
-        let allowed = self.settings.status_allow.iter().any(|c| c.contains(p.peer.ip()));
+        let allowed = client.is_some_and(|ip| self.settings.status_allow.iter().any(|c| c.contains(ip)));
         let response = match path {
             "/healthz" => handshake::http_response(
                 200,
@@ -708,7 +722,9 @@ impl Relay {
             ),
             _ => handshake::plain_http_refusal().response(),
         };
-        log::debug!("{}: HTTP GET {path}", p.peer);
+        // Any other path may be the token (ws://HOST/SECRET), which never goes to the log.
+        let shown = if matches!(path, "/" | "/healthz" | "/metrics") { path.to_string() } else { redact(target) };
+        log::debug!("{}: HTTP GET {shown}", p.peer);
         self.linger(i, p.sock, response, true, now);
     }
 

@@ -25,17 +25,38 @@ pub struct Upgrade {
     pub forwarded_for: Option<String>,
     /// The `Sec-WebSocket-Accept` value for this request's key.
     pub accept: String,
+    /// The subprotocol to name in the response: one the client offered (see
+    /// [`choose_protocol`]). The frames are the same whatever it is called.
+    pub protocol: Option<String>,
 }
 
 impl Upgrade {
     /// The `101 Switching Protocols` response.
     pub fn response(&self) -> Vec<u8> {
+        let protocol = self.protocol.as_ref().map_or(String::new(), |p| format!("Sec-WebSocket-Protocol: {p}\r\n"));
         format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol}\r\n",
             self.accept
         )
         .into_bytes()
     }
+}
+
+/// The subprotocol to accept from those a client offers (all its `Sec-WebSocket-Protocol`
+/// values). wsnic speaks none in particular — every binary message is one frame — but a
+/// browser that offered any fails the connection unless the server names one of them
+/// (websockify-style clients offer `binary`). So: `binary` if offered, else the first
+/// offered except `base64` (websockify's text encoding, which wsnic does not speak), else
+/// none.
+pub fn choose_protocol<'a>(offered: impl Iterator<Item = &'a str>) -> Option<String> {
+    let is_token =
+        |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+    let offered: Vec<&str> = offered.flat_map(|v| v.split(',')).map(str::trim).filter(|t| is_token(t)).collect();
+    offered
+        .iter()
+        .find(|t| t.eq_ignore_ascii_case("binary"))
+        .or_else(|| offered.iter().find(|t| !t.eq_ignore_ascii_case("base64")))
+        .map(|t| t.to_string())
 }
 
 /// A request answered with an HTTP response and then closed.
@@ -73,9 +94,12 @@ pub enum Outcome {
     Upgrade(Upgrade),
     Refuse(Refusal),
     /// A plain HTTP GET (no upgrade) for `path`: the relay answers its status paths, and
-    /// anything else with [`plain_http_refusal`].
+    /// anything else with [`plain_http_refusal`]. `proxied`: it carries a header a proxy
+    /// adds (`Forwarded`, `X-Forwarded-For`, `X-Real-IP`), so the TCP peer is not the client.
     Plain {
         path: String,
+        forwarded_for: Option<String>,
+        proxied: bool,
     },
 }
 
@@ -140,10 +164,24 @@ pub fn parse_request(buf: &[u8]) -> Outcome {
     };
     let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
     let text = |name: &str| header(name).and_then(|v| std::str::from_utf8(v).ok()).map(|s| s.trim().to_string());
+    // Every line of a header, in order (some proxies add a line instead of appending).
+    let all = |name: &str| -> Vec<&str> {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+            .collect()
+    };
+    let forwarded_for = {
+        let lines = all("x-forwarded-for");
+        (!lines.is_empty()).then(|| lines.join(", "))
+    };
 
     if !header("upgrade").is_some_and(|v| has_token(v, "websocket")) {
         if req.method == Some("GET") {
-            return Outcome::Plain { path: req.path.unwrap_or("/").to_string() };
+            let proxied = ["forwarded", "x-forwarded-for", "x-real-ip"].iter().any(|h| header(h).is_some());
+            return Outcome::Plain { path: req.path.unwrap_or("/").to_string(), forwarded_for, proxied };
         }
         let mut r = Refusal::new(426, PLAIN_HTTP_BODY);
         r.headers = "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n";
@@ -177,18 +215,9 @@ pub fn parse_request(buf: &[u8]) -> Outcome {
         head_len,
         target: req.path.unwrap_or("/").to_string(),
         origin: text("origin"),
-        // Every X-Forwarded-For line, in order (some proxies add a line instead of appending).
-        forwarded_for: {
-            let all: Vec<&str> = req
-                .headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
-                .filter_map(|h| std::str::from_utf8(h.value).ok())
-                .map(str::trim)
-                .collect();
-            (!all.is_empty()).then(|| all.join(", "))
-        },
+        forwarded_for,
         accept: accept_key(&key),
+        protocol: choose_protocol(all("sec-websocket-protocol").into_iter()),
     })
 }
 
@@ -264,7 +293,7 @@ mod tests {
     }
 
     #[test]
-    fn accepts_rfc_example_key_and_selects_nothing() {
+    fn accepts_rfc_example_key_and_names_the_subprotocol() {
         let Outcome::Upgrade(u) = parse_request(&[GOOD.as_bytes(), &[0x82, 0x80]].concat()) else { panic!() };
         assert_eq!(u.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         assert_eq!(u.head_len, GOOD.len());
@@ -272,7 +301,23 @@ mod tests {
         assert_eq!(u.origin.as_deref(), Some("https://copy.sh"));
         let resp = String::from_utf8(u.response()).unwrap();
         assert!(resp.starts_with("HTTP/1.1 101 "));
-        assert!(!resp.contains("Sec-WebSocket-Protocol") && !resp.contains("Extensions"));
+        assert!(!resp.contains("Extensions"));
+        // A browser that offered subprotocols needs one named back.
+        assert!(resp.contains("\r\nSec-WebSocket-Protocol: binary\r\n\r\n"), "{resp}");
+        let none = GOOD.replace("Sec-WebSocket-Protocol: binary\r\n", "");
+        let Outcome::Upgrade(u) = parse_request(none.as_bytes()) else { panic!() };
+        assert!(!String::from_utf8(u.response()).unwrap().contains("Sec-WebSocket-Protocol"));
+    }
+
+    #[test]
+    fn a_subprotocol_offered_is_named_back() {
+        let pick = |lines: &[&str]| choose_protocol(lines.iter().copied());
+        assert_eq!(pick(&[]), None);
+        assert_eq!(pick(&["base64, binary"]), Some("binary".into()));
+        assert_eq!(pick(&["chat", "Binary"]), Some("Binary".into()));
+        assert_eq!(pick(&["v86, chat"]), Some("v86".into()));
+        assert_eq!(pick(&["base64"]), None, "websockify's text encoding is not spoken");
+        assert_eq!(pick(&["a b, (x), , ok"]), Some("ok".into()), "only tokens");
     }
 
     #[test]
@@ -291,7 +336,18 @@ mod tests {
 
     #[test]
     fn refusals() {
-        assert_eq!(parse_request(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"), Outcome::Plain { path: "/x".into() });
+        assert_eq!(
+            parse_request(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"),
+            Outcome::Plain { path: "/x".into(), forwarded_for: None, proxied: false }
+        );
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 1.2.3.4\r\n\r\n"),
+            Outcome::Plain { path: "/".into(), forwarded_for: None, proxied: true }
+        );
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n"),
+            Outcome::Plain { path: "/".into(), forwarded_for: Some("1.2.3.4".into()), proxied: true }
+        );
         assert_eq!(status("POST / HTTP/1.1\r\nHost: h\r\n\r\n"), 426);
         assert_eq!(status(&GOOD.replace("Version: 13", "Version: 8")), 426);
         assert_eq!(status(&GOOD.replace("GET", "POST")), 405);
