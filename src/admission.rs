@@ -75,6 +75,19 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpCidr]) 
     client
 }
 
+/// What the per-address limits count `ip` as: an IPv4 address itself (also written as an
+/// IPv4-mapped IPv6 one), an IPv6 address by its /64, which one host or home network gets and
+/// in which it can pick a new address for every connection.
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
 /// Compare secrets in time that depends on neither their contents nor their lengths.
 fn same_secret(a: &str, b: &str) -> bool {
     let (x, y) = (Sha1::digest(a.as_bytes()), Sha1::digest(b.as_bytes()));
@@ -177,6 +190,16 @@ mod tests {
         }
         // The token is checked before the limits: a full server does not reveal itself to strangers.
         assert_eq!(a.check(&up("/", None), 10, 5).unwrap_err().0, Refused::Token);
+    }
+
+    #[test]
+    fn limits_count_ipv6_by_its_64() {
+        let key = |s: &str| limit_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("::ffff:203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
     }
 
     #[test]

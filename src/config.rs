@@ -341,7 +341,7 @@ pub const KEYS: &[Key] = &[
         default: "256",
         help: "most clients at once, 1..1023 (a bridge's port limit); over it: 503",
     },
-    Key { name: "max_clients_per_ip", default: "8", help: "most clients at once from one IP address; over it: 429" },
+    Key { name: "max_clients_per_ip", default: "8", help: "most clients at once from one IP address (an IPv6 one counts by its /64); over it: 429" },
     Key {
         name: "trusted_proxies",
         default: "",

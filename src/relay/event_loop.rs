@@ -32,7 +32,7 @@ use super::policy::{Policy, Takeover};
 use super::reaper::Reaper;
 use super::shared::{Command, Report, Shared};
 use super::transport::Transport;
-use crate::admission::{client_ip, Admission, Refused};
+use crate::admission::{client_ip, limit_key, Admission, Refused};
 use crate::logging::RateLimited;
 use crate::sys::netlink::Netlink;
 use crate::sys::tap::Tap;
@@ -409,10 +409,10 @@ impl Relay {
     /// A handshake from `ip` is over (upgraded, refused, timed out or gone).
     fn pending_done(&mut self, ip: std::net::IpAddr) {
         self.pending -= 1;
-        if let Some(n) = self.pending_per_ip.get_mut(&ip) {
+        if let Some(n) = self.pending_per_ip.get_mut(&limit_key(ip)) {
             *n -= 1;
             if *n == 0 {
-                self.pending_per_ip.remove(&ip);
+                self.pending_per_ip.remove(&limit_key(ip));
             }
         }
     }
@@ -497,7 +497,7 @@ impl Relay {
             }
             let per_ip_cap = (2 * self.settings.admission.max_per_ip).max(16);
             let proxied = self.settings.admission.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
-            if !proxied && self.pending_per_ip.get(&peer.ip()).is_some_and(|&n| n >= per_ip_cap) {
+            if !proxied && self.pending_per_ip.get(&limit_key(peer.ip())).is_some_and(|&n| n >= per_ip_cap) {
                 if let Some(held) = self.pending_log.allow(now) {
                     log::warn!(
                         "{}: {per_ip_cap} handshakes pending from this address; closing more ({held} not logged)",
@@ -535,7 +535,7 @@ impl Relay {
             }
             self.slots[i] = Slot::Pending(Pending { sock, peer, head: Vec::new(), since: now });
             self.pending += 1;
-            *self.pending_per_ip.entry(peer.ip()).or_default() += 1;
+            *self.pending_per_ip.entry(limit_key(peer.ip())).or_default() += 1;
             log::debug!("{peer}: TCP connection accepted");
         }
     }

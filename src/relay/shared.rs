@@ -20,7 +20,7 @@ use mio::Waker;
 
 use super::event_loop::Settings;
 use super::pipe::Stats;
-use crate::admission::{Admission, Refused};
+use crate::admission::{limit_key, Admission, Refused};
 use crate::dhcp::server::{Lease, Server};
 use crate::dhcp::store;
 use crate::status::ClientRow;
@@ -101,8 +101,10 @@ pub struct State {
 
 impl State {
     /// Admit an upgrade from `ip` if the limits allow, counting it at once (so two workers
-    /// cannot both take the last place). Undo with [`State::release`].
+    /// cannot both take the last place). Undo with [`State::release`]. Counted per
+    /// [`limit_key`] (an IPv6 /64).
     pub fn admit(&mut self, adm: &Admission, up: &Upgrade, ip: IpAddr) -> Result<(), (Refused, Refusal)> {
+        let ip = limit_key(ip);
         adm.check(up, self.clients, self.per_ip.get(&ip).copied().unwrap_or(0))?;
         self.clients += 1;
         *self.per_ip.entry(ip).or_default() += 1;
@@ -111,6 +113,7 @@ impl State {
 
     /// A client from `ip` admitted earlier is gone.
     pub fn release(&mut self, ip: IpAddr) {
+        let ip = limit_key(ip);
         self.clients -= 1;
         if let Some(n) = self.per_ip.get_mut(&ip) {
             *n -= 1;
@@ -306,6 +309,22 @@ mod tests {
             st.release(ip);
         }
         assert_eq!((st.clients, st.per_ip.len()), (0, 0), "nothing left behind");
+    }
+
+    /// A host with an IPv6 /64 can use a new address for every connection: the per-address
+    /// limit counts the /64.
+    #[test]
+    fn an_ipv6_64_is_one_address_for_the_limit() {
+        let adm = Admission { max_clients: 10, max_per_ip: 2, ..Default::default() };
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let mut st = State::default();
+        let up = upgrade();
+        assert!(st.admit(&adm, &up, ip("2001:db8:0:1::a")).is_ok());
+        assert!(st.admit(&adm, &up, ip("2001:db8:0:1::b")).is_ok());
+        assert_eq!(st.admit(&adm, &up, ip("2001:db8:0:1:ffff::c")).unwrap_err().0, Refused::PerIpLimit);
+        assert!(st.admit(&adm, &up, ip("2001:db8:0:2::a")).is_ok(), "another /64");
+        st.release(ip("2001:db8:0:1::b"));
+        assert!(st.admit(&adm, &up, ip("2001:db8:0:1::d")).is_ok());
     }
 
     #[test]
