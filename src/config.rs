@@ -851,6 +851,20 @@ impl Config {
         ]
     }
 
+    /// The summary after a reload to `self` while `running` is in force: keys that need a
+    /// restart show what still runs (a reload does not apply them), the others the new values.
+    pub fn summary_after_reload(&self, running: &Config, uplink: Option<&str>) -> Vec<(&'static str, String)> {
+        // The summary's entries made only of keys a reload applies.
+        const RELOADED: [&str; 4] = ["max_clients", "auth", "anti_spoofing", "rate_limit"];
+        let new = self.summary(uplink);
+        running
+            .summary(uplink)
+            .into_iter()
+            .zip(new)
+            .map(|(old, new)| if RELOADED.contains(&old.0) { new } else { old })
+            .collect()
+    }
+
     /// Event loops to run: `workers`, or one per CPU (at most 64) for `auto`.
     pub fn worker_count(&self) -> usize {
         match self.workers {
@@ -1035,6 +1049,38 @@ mod tests {
         c.set("workers", "64").unwrap();
         assert_eq!(c.worker_count(), 64);
         assert!(RESTART_KEYS.contains(&"workers"));
+    }
+
+    #[test]
+    fn a_reload_shows_what_runs() {
+        let running = Config::default();
+        let mut new = Config::default();
+        new.set("client_isolation", "true").unwrap(); // needs a restart
+        new.set("max_frame_size", "1514").unwrap(); // needs a restart
+        new.set("max_clients", "10").unwrap(); // applies at once
+        new.set("rate_limit", "1mbit").unwrap();
+        let s = new.summary_after_reload(&running, None);
+        let get = |k: &str| s.iter().find(|(n, _)| *n == k).unwrap().1.clone();
+        assert_eq!(get("client_isolation"), "off");
+        assert_eq!(get("max_frame_size"), "65549");
+        assert!(get("max_clients").starts_with("10 "), "{}", get("max_clients"));
+        assert_eq!(get("rate_limit"), "1000 kbit/s");
+        // Every entry not listed as reloaded is made only of keys that need a restart.
+        for (k, _) in Config::default().summary(None) {
+            let reloadable = ["max_clients", "auth", "anti_spoofing", "rate_limit"].contains(&k);
+            let keys: &[&str] = match k {
+                "listen" => &["ws_server_addr", "ws_server_port", "wss_port"],
+                "bridge" => &["bridge_name", "bridge_subnet"],
+                "uplink" => &["eth_iface"],
+                "nat" => &["nat"],
+                "dhcp" => &["disable_dhcp", "dhcp_lease_time"],
+                _ if reloadable => &[],
+                other => &[other],
+            };
+            for key in keys {
+                assert!(RESTART_KEYS.contains(key), "{k}: {key} is not a restart key");
+            }
+        }
     }
 
     #[test]

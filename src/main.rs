@@ -314,7 +314,7 @@ fn reload(workers: &Workers, running: &Config, uplink: Option<&str>) {
     if !restart.is_empty() {
         log::warn!("reload: {} changed but take effect only after a restart", restart.join(", "));
     }
-    let settings = Settings { summary: new.summary(uplink), ..settings_of(&new) };
+    let settings = Settings { summary: new.summary_after_reload(running, uplink), ..settings_of(&new) };
     let mut tls = None;
     if let (Some(cert), Some(key)) = (&new.wss_certificate, &new.wss_private_key) {
         match wsnic::tls::server_config(cert, key) {

@@ -671,6 +671,10 @@ fn sighup_reloads_what_can_change() {
     assert!(log.contains("reload: bridge_name changed but take effect only after a restart"), "{log}");
     let (b, _second) = support::handshake_with(&ns, "/", "");
     assert_eq!(b, 101, "the new limit applies");
+    // The status page shows what runs: the new limit, the old bridge.
+    let page = http(&ns, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(page.contains("(2 per address)") && page.contains("wsnicbr0 "), "{page}");
+    assert!(!page.contains("other0"), "a setting that needs a restart shown as in force: {page}");
 
     std::fs::write(&f, "max_clients_per_ip=banana\n").unwrap();
     w.signal("HUP");
