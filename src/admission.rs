@@ -75,6 +75,30 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpCidr]) 
     client
 }
 
+/// An origin as browsers serialize it (`scheme://host[:port]`: lower case, no default
+/// port, no path), or None if `s` is not one. A trailing `/` is allowed and dropped.
+pub fn normalize_origin(s: &str) -> Option<String> {
+    let s = s.trim().trim_end_matches('/').to_ascii_lowercase();
+    let (scheme, rest) = s.split_once("://")?;
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    if !scheme_ok || rest.contains(['/', '?', '#', '@', ' ']) {
+        return None;
+    }
+    // The port follows the last ':', unless that one is inside an IPv6 literal ([::1]).
+    let (host, port) = match rest.rfind(':') {
+        Some(i) if !rest[i..].contains(']') => (&rest[..i], Some(&rest[i + 1..])),
+        _ => (rest, None),
+    };
+    if host.is_empty() || port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return None;
+    }
+    Some(match (scheme, port) {
+        ("https" | "wss", Some("443")) | ("http" | "ws", Some("80")) | (_, None) => format!("{scheme}://{host}"),
+        (_, Some(p)) => format!("{scheme}://{host}:{p}"),
+    })
+}
+
 /// What the per-address limits count `ip` as: an IPv4 address itself (also written as an
 /// IPv4-mapped IPv6 one), an IPv6 address by its /64, which one host or home network gets and
 /// in which it can pick a new address for every connection.
@@ -107,8 +131,7 @@ impl Admission {
     /// connected in all and `from_ip` from that address.
     pub fn check(&self, up: &Upgrade, clients: usize, from_ip: usize) -> Result<(), (Refused, Refusal)> {
         if !self.allowed_origins.is_empty() {
-            let ok =
-                up.origin.as_deref().is_some_and(|o| self.allowed_origins.iter().any(|a| a == o.trim_end_matches('/')));
+            let ok = up.origin.as_deref().and_then(normalize_origin).is_some_and(|o| self.allowed_origins.contains(&o));
             if !ok {
                 return Err((Refused::Origin, Refusal::new(403, "wsnic: this origin may not connect\n")));
             }
@@ -190,6 +213,22 @@ mod tests {
         }
         // The token is checked before the limits: a full server does not reveal itself to strangers.
         assert_eq!(a.check(&up("/", None), 10, 5).unwrap_err().0, Refused::Token);
+    }
+
+    #[test]
+    fn origins_as_browsers_send_them() {
+        let n = |s: &str| normalize_origin(s);
+        assert_eq!(n("https://copy.sh/").as_deref(), Some("https://copy.sh"));
+        assert_eq!(n("https://Copy.SH:443").as_deref(), Some("https://copy.sh"));
+        assert_eq!(n("http://x.org:80").as_deref(), Some("http://x.org"));
+        assert_eq!(n("http://x.org:8080").as_deref(), Some("http://x.org:8080"));
+        assert_eq!(n("http://[::1]:8000").as_deref(), Some("http://[::1]:8000"));
+        assert_eq!(n("http://[::1]").as_deref(), Some("http://[::1]"));
+        for bad in
+            ["copy.sh", "https://", "https://copy.sh/path", "https://x:", "https://x:ab", "https://u@x", "1x://y"]
+        {
+            assert_eq!(n(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -350,12 +350,12 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "allowed_origins",
         default: "",
-        help: "web origins allowed to connect, e.g. https://copy.sh (empty: any)",
+        help: "web origins allowed to connect, scheme://host[:port] as browsers send them, e.g. https://copy.sh (empty: any)",
     },
     Key {
         name: "auth_token",
         default: "",
-        help: "a secret clients must give as ?token=SECRET or as the URL path /SECRET (empty: none)",
+        help: "a secret clients must give as ?token=SECRET or as the URL path /SECRET; letters, digits and - . _ ~ (empty: none)",
     },
     Key {
         name: "anti_spoofing",
@@ -655,12 +655,18 @@ impl Config {
                     .split([',', ' '])
                     .map(str::trim)
                     .filter(|s| !s.is_empty())
-                    .map(|s| s.trim_end_matches('/').to_string())
-                    .collect()
+                    .map(|s| {
+                        crate::admission::normalize_origin(s).ok_or_else(|| {
+                            format!("{s:?} is not an origin: scheme://host[:port], as a browser sends it (e.g. https://copy.sh)")
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
             }
             "auth_token" => {
-                if v.contains(|c: char| c.is_whitespace() || c == '/' || c == '?' || c == '&' || c == '#') {
-                    return Err("may not contain spaces, '/', '?', '&' or '#'".into());
+                // What a browser sends unchanged in a URL's path and query (RFC 3986 unreserved):
+                // anything else it may percent-encode, and the token would never match.
+                if !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)) {
+                    return Err("may contain only letters, digits and '-', '.', '_', '~' (browsers encode other characters in a URL)".into());
                 }
                 self.auth_token = opt(v).map(str::to_string)
             }
@@ -770,12 +776,31 @@ impl Config {
                 return err("dhcp_range", format!("{a}-{b} is not inside bridge_subnet {net}"));
             }
         }
-        for (mac, ip) in &self.dhcp_host {
+        for (i, (mac, ip)) in self.dhcp_host.iter().enumerate() {
             if !is_host(*ip) || *ip == self.bridge_addr() || Some(*ip) == self.dhcp_gateway {
                 return err(
                     "dhcp_host",
                     format!("{ip} (for {}) is not a client address of {net}", crate::sys::format_mac(mac)),
                 );
+            }
+            if self.dhcp_host[..i].iter().any(|(m, a)| m == mac || a == ip) {
+                return err("dhcp_host", format!("{} or {ip} is reserved twice", crate::sys::format_mac(mac)));
+            }
+        }
+        if !self.disable_dhcp {
+            // The dynamic pool: the range (or the subnet's hosts) without the bridge's, the
+            // gateway's and the reserved addresses. The DHCP server refuses to start without one.
+            let (first, last) = (u32::from(net.first_host()), u32::from(net.broadcast()) - 1);
+            let (lo, hi) = self.dhcp_range.map_or((first, last), |(a, b)| (u32::from(a), u32::from(b)));
+            let (lo, hi) = (lo.max(first), hi.min(last));
+            let taken = |a: u32| {
+                a == u32::from(self.bridge_addr())
+                    || self.dhcp_gateway.is_some_and(|g| u32::from(g) == a)
+                    || self.dhcp_host.iter().any(|(_, r)| u32::from(*r) == a)
+            };
+            if !(lo..=hi).any(|a| !taken(a)) {
+                let key = if self.origins.contains_key("dhcp_range") { "dhcp_range" } else { "dhcp_host" };
+                return err(key, format!("leaves no address of {net} for the DHCP pool"));
             }
         }
         if self.eth_iface.as_deref() == Some(self.bridge_name.as_str()) {
@@ -967,6 +992,10 @@ mod tests {
             ("workers=65", "outside 1..64"),
             ("workers=many", "or auto"),
             ("tcp_congestion=cu bic", "not a congestion control"),
+            ("allowed_origins=copy.sh", "not an origin"),
+            ("allowed_origins=https://copy.sh/page", "not an origin"),
+            ("auth_token=caf\u{e9}", "may contain only"),
+            ("auth_token=a\"b", "may contain only"),
             ("tcp_congestion=a_name_far_too_long", "not a congestion control"),
         ] {
             let e = Config::default().apply_file_text("f", line).unwrap_err();
@@ -1027,7 +1056,7 @@ mod tests {
             ("max_clients=2000", "1023"),
             ("max_clients_per_ip=0", "at least 1"),
             ("trusted_proxies=10.0.0.0/40", "prefix"),
-            ("auth_token=a/b", "may not contain"),
+            ("auth_token=a/b", "may contain only"),
             ("rate_limit=fast", "not a rate"),
             ("rate_limit=1kbit", "at least"),
             ("egress_deny=10.0.0.1/8", "host bits"),
@@ -1035,6 +1064,27 @@ mod tests {
             let e = Config::default().apply_file_text("f", line).unwrap_err();
             assert!(e.to_string().contains(frag), "{line}: {e}");
         }
+    }
+
+    /// What the DHCP server would refuse at start is a configuration error naming the key.
+    #[test]
+    fn dhcp_pool_and_reservations_are_checked_with_the_rest() {
+        let check = |text: &str| {
+            let mut c = Config::default();
+            c.apply_file_text("w.conf", text).unwrap();
+            c.validate().map_err(|e| e.to_string())
+        };
+        let twice = "dhcp_host=02:00:00:00:00:10,192.168.2.10 02:00:00:00:00:10,192.168.2.11\n";
+        assert!(check(twice).unwrap_err().starts_with("w.conf:1: dhcp_host: 02:00:00:00:00:10 or"), "{twice}");
+        let same_ip = "dhcp_host=02:00:00:00:00:10,192.168.2.10; 02:00:00:00:00:11,192.168.2.10\n";
+        assert!(check(same_ip).unwrap_err().contains("reserved twice"));
+        // A /30 has two hosts: the bridge's and one client's; reserving that one leaves none.
+        let full = "bridge_subnet=10.0.0.0/30\ndhcp_host=02:00:00:00:00:10,10.0.0.2\n";
+        assert_eq!(check(full).unwrap_err(), "w.conf:2: dhcp_host: leaves no address of 10.0.0.0/30 for the DHCP pool");
+        let range = "dhcp_range=192.168.2.1-192.168.2.1\n";
+        assert!(check(range).unwrap_err().starts_with("w.conf:1: dhcp_range: leaves no address"));
+        assert!(check(&format!("{full}disable_dhcp=true\n")).is_ok(), "no pool needed without DHCP");
+        assert!(check("bridge_subnet=10.0.0.0/30\n").is_ok());
     }
 
     #[test]
