@@ -40,6 +40,8 @@ struct Record {
     /// The `bridge` family table that keeps clients' IPv6 from the host on an adopted bridge
     /// (where switching IPv6 off would delete the owner's IPv6 addresses for good).
     ipv6_filter: bool,
+    /// An adopted bridge that was down, which we set up: set down again.
+    bridge_was_down: bool,
 }
 
 impl Record {
@@ -62,6 +64,9 @@ impl Record {
         }
         if self.ipv6_filter {
             s += "ipv6_filter=true\n";
+        }
+        if self.bridge_was_down {
+            s += "bridge_was_down=true\n";
         }
         s
     }
@@ -86,6 +91,7 @@ impl Record {
                 }
                 "ipv6_before" => r.ipv6_before = Some(v.to_string()),
                 "ipv6_filter" => r.ipv6_filter = v.parse().ok()?,
+                "bridge_was_down" => r.bridge_was_down = v.parse().ok()?,
                 _ => return None,
             }
         }
@@ -228,6 +234,7 @@ impl Network {
             after_ip_forward,
             ipv6_before: None,
             ipv6_filter: false,
+            bridge_was_down: false,
         };
         let mut net = Network {
             bridge_index: 0,
@@ -287,6 +294,11 @@ impl Network {
         if self.nl.add_ipv4(index, addr, prefix).map_err(ctx(|| format!("adding {addr}/{prefix} to {br}")))? {
             record.addr = Some((addr, prefix));
             self.record.addr = record.addr;
+            self.save()?;
+        }
+        if existing.is_some() && !self.nl.link_is_up(index).map_err(ctx(|| format!("reading {br}'s state")))? {
+            record.bridge_was_down = true;
+            self.record.bridge_was_down = true;
             self.save()?;
         }
         self.nl.set_up(index).map_err(ctx(|| format!("bringing {br} up")))?;
@@ -432,6 +444,11 @@ fn undo(nl: &mut Netlink, r: &Record) -> bool {
                     failed(format!("removing {a}/{p} from {}: {e}", r.bridge));
                 }
             }
+            if r.bridge_was_down {
+                if let Err(e) = nl.set_down(i) {
+                    failed(format!("setting {} down again: {e}", r.bridge));
+                }
+            }
         }
         Ok(None) => {}
         Err(e) => failed(format!("netlink: {e}")),
@@ -478,6 +495,7 @@ mod tests {
             ],
             ipv6_before: Some("0".into()),
             ipv6_filter: true,
+            bridge_was_down: true,
         };
         assert_eq!(Record::parse(&r.render()), Some(r));
         assert_eq!(Record::parse("garbage"), None);

@@ -358,6 +358,8 @@ fn existing_bridge_is_adopted_and_left() {
     assert_eq!(w.stop(), 0);
     assert!(ns.link_exists("wsnicbr0"), "someone else's bridge was deleted");
     assert!(!ns.ip(&["addr", "show", "wsnicbr0"]).contains("192.168.2.1"), "our address stayed");
+    let link = ns.ip(&["-o", "link", "show", "wsnicbr0"]);
+    assert!(!link.contains(",UP") && !link.contains("<UP"), "it was down before the run: {link}");
 }
 
 /// An adopted bridge keeps its IPv6 addresses (switching IPv6 off on it would delete them for

@@ -210,6 +210,19 @@ impl Netlink {
         self.ack(RouteNetlinkMessage::NewLink(up_msg(index)), 0)
     }
 
+    /// Set link `index` administratively down.
+    pub fn set_down(&mut self, index: u32) -> io::Result<()> {
+        let mut msg = link_msg(index);
+        msg.header.change_mask = LinkFlags::Up;
+        self.ack(RouteNetlinkMessage::NewLink(msg), 0)
+    }
+
+    /// Whether link `index` is administratively up. `ENODEV` if there is no such link.
+    pub fn link_is_up(&mut self, index: u32) -> io::Result<bool> {
+        let link = self.get_link(link_msg(index))?.ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))?;
+        Ok(link.header.flags.contains(LinkFlags::Up))
+    }
+
     /// Enslave link `index` to bridge `master` and set it up, in one request.
     pub fn attach_up(&mut self, index: u32, master: u32) -> io::Result<()> {
         let mut msg = up_msg(index);
