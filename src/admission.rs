@@ -62,17 +62,39 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpCidr]) 
     let Some(xff) = forwarded_for else { return peer };
     let mut client = peer;
     for hop in xff.rsplit(',').map(str::trim) {
-        match hop.parse::<IpAddr>() {
-            Ok(ip) => {
+        match parse_hop(hop) {
+            Some(ip) => {
                 client = ip;
                 if !is_trusted(ip) {
                     break;
                 }
             }
-            Err(_) => break, // garbage: stop at the last address we could read
+            None => break, // garbage: stop at the last address we could read
         }
     }
     client
+}
+
+/// The client that trusted proxies name in X-Forwarded-For: walking from the right, the
+/// first address that is not a trusted proxy (or the left-most). None if an entry on the way
+/// cannot be read (`unknown`, empty): unlike [`client_ip`], which then settles for the last
+/// address it could read, this is for decisions that must not fall back to the proxy's own.
+pub fn forwarded_client(forwarded_for: &str, trusted: &[IpCidr]) -> Option<IpAddr> {
+    let mut client = None;
+    for hop in forwarded_for.rsplit(',').map(str::trim) {
+        let ip = parse_hop(hop)?;
+        client = Some(ip);
+        if !trusted.iter().any(|c| c.contains(ip)) {
+            break;
+        }
+    }
+    client
+}
+
+/// One X-Forwarded-For entry: an address, or an address with a port (`203.0.113.9:51234`,
+/// `[2001:db8::1]:443`), as some proxies write it.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
 }
 
 /// An origin as browsers serialize it (`scheme://host[:port]`: lower case, no default
@@ -90,7 +112,9 @@ pub fn normalize_origin(s: &str) -> Option<String> {
         Some(i) if !rest[i..].contains(']') => (&rest[..i], Some(&rest[i + 1..])),
         _ => (rest, None),
     };
-    if host.is_empty() || port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+    // Browsers send ASCII hosts (IDNs in punycode) and ports as plain numbers.
+    let canonical_port = |p: &str| p.parse::<u16>().is_ok_and(|n| n.to_string() == p);
+    if host.is_empty() || !host.is_ascii() || port.is_some_and(|p| !canonical_port(p)) {
         return None;
     }
     Some(match (scheme, port) {
@@ -226,6 +250,8 @@ mod tests {
         assert_eq!(n("http://[::1]").as_deref(), Some("http://[::1]"));
         for bad in
             ["copy.sh", "https://", "https://copy.sh/path", "https://x:", "https://x:ab", "https://u@x", "1x://y"]
+                .into_iter()
+                .chain(["https://bücher.example", "https://x:0443", "https://x:70000"])
         {
             assert_eq!(n(bad), None, "{bad}");
         }
@@ -239,6 +265,19 @@ mod tests {
         assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn a_forwarded_client_is_read_or_none() {
+        let trusted: Vec<IpCidr> = vec!["127.0.0.0/8".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
+        let f = |xff: &str| forwarded_client(xff, &trusted).map(|ip| ip.to_string());
+        assert_eq!(f("203.0.113.9").as_deref(), Some("203.0.113.9"));
+        assert_eq!(f("203.0.113.9:51234, 10.1.1.1").as_deref(), Some("203.0.113.9"));
+        assert_eq!(f("[2001:db8::1]:443").as_deref(), Some("2001:db8::1"));
+        assert_eq!(f("127.0.0.1").as_deref(), Some("127.0.0.1"), "a client on a proxy's own host");
+        assert_eq!(f("unknown"), None);
+        assert_eq!(f("203.0.113.9, unknown"), None, "stops where it cannot read, not at the proxy");
+        assert_eq!(f(""), None);
     }
 
     #[test]

@@ -565,7 +565,7 @@ impl Config {
                 self.tcp_congestion = opt(v)
                     .map(|v| {
                         // The kernel's names: at most 15 bytes (TCP_CA_NAME_MAX with its NUL).
-                        if v.len() <= 15 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                        if v.len() <= 15 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
                             Ok(v.to_string())
                         } else {
                             Err(format!("{v:?} is not a congestion control's name (such as cubic, reno or bbr)"))
@@ -663,10 +663,15 @@ impl Config {
                     .collect::<Result<_, _>>()?
             }
             "auth_token" => {
-                // What a browser sends unchanged in a URL's path and query (RFC 3986 unreserved):
-                // anything else it may percent-encode, and the token would never match.
-                if !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)) {
-                    return Err("may contain only letters, digits and '-', '.', '_', '~' (browsers encode other characters in a URL)".into());
+                // What a browser sends unchanged in a URL's path and query (RFC 3986 unreserved
+                // and sub-delimiters, ':' and '@'), less what ends a token there ('&', and '/',
+                // '?', '#'): anything else it may percent-encode, and the token would never match.
+                if !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$'()*+,;=:@".contains(&b)) {
+                    return Err(
+                        "may contain only letters, digits and - . _ ~ ! $ ' ( ) * + , ; = : @ (a browser may encode \
+                         anything else in a URL, and '&', '/', '?', '#' end the token)"
+                            .into(),
+                    );
                 }
                 self.auth_token = opt(v).map(str::to_string)
             }
@@ -799,7 +804,10 @@ impl Config {
                     || self.dhcp_host.iter().any(|(_, r)| u32::from(*r) == a)
             };
             if !(lo..=hi).any(|a| !taken(a)) {
-                let key = if self.origins.contains_key("dhcp_range") { "dhcp_range" } else { "dhcp_host" };
+                let key = ["dhcp_range", "dhcp_host", "dhcp_gateway"]
+                    .into_iter()
+                    .find(|k| self.origins.contains_key(k))
+                    .unwrap_or("bridge_subnet");
                 return err(key, format!("leaves no address of {net} for the DHCP pool"));
             }
         }
@@ -996,6 +1004,8 @@ mod tests {
             ("allowed_origins=https://copy.sh/page", "not an origin"),
             ("auth_token=caf\u{e9}", "may contain only"),
             ("auth_token=a\"b", "may contain only"),
+            ("auth_token=a&b", "may contain only"),
+            ("auth_token=a%41", "may contain only"),
             ("tcp_congestion=a_name_far_too_long", "not a congestion control"),
         ] {
             let e = Config::default().apply_file_text("f", line).unwrap_err();
@@ -1066,6 +1076,16 @@ mod tests {
         }
     }
 
+    #[test]
+    fn names_the_kernel_and_browsers_use_are_accepted() {
+        let mut c = Config::default();
+        c.apply_file_text("f", "tcp_congestion=dctcp-reno\nauth_token=Zm9v+YmFy=\n").unwrap();
+        assert_eq!(c.tcp_congestion.as_deref(), Some("dctcp-reno"));
+        assert_eq!(c.auth_token.as_deref(), Some("Zm9v+YmFy="));
+        c.apply_file_text("f", "status_allow=\n").unwrap();
+        assert!(c.status_allow.is_empty(), "empty: the status page for nobody");
+    }
+
     /// What the DHCP server would refuse at start is a configuration error naming the key.
     #[test]
     fn dhcp_pool_and_reservations_are_checked_with_the_rest() {
@@ -1084,6 +1104,8 @@ mod tests {
         let range = "dhcp_range=192.168.2.1-192.168.2.1\n";
         assert!(check(range).unwrap_err().starts_with("w.conf:1: dhcp_range: leaves no address"));
         assert!(check(&format!("{full}disable_dhcp=true\n")).is_ok(), "no pool needed without DHCP");
+        let gw = "bridge_subnet=10.0.0.0/30\ndhcp_gateway=10.0.0.2\n";
+        assert!(check(gw).unwrap_err().starts_with("w.conf:2: dhcp_gateway: leaves no address"), "{:?}", check(gw));
         assert!(check("bridge_subnet=10.0.0.0/30\n").is_ok());
     }
 

@@ -122,6 +122,8 @@ fn status_through_a_proxy_is_judged_by_the_client() {
     assert_eq!(get_with(&ns, "/", "X-Forwarded-For: 203.0.113.9\r\n").0, 403, "a remote client");
     assert_eq!(get_with(&ns, "/", "X-Forwarded-For: 127.0.0.1\r\n").0, 200, "a client on the proxy's host");
     assert_eq!(get_with(&ns, "/", "X-Real-IP: 127.0.0.1\r\n").0, 403, "no X-Forwarded-For: client unknown");
+    assert_eq!(get_with(&ns, "/", "X-Forwarded-For: 203.0.113.9:51234\r\n").0, 403, "an address with a port");
+    assert_eq!(get_with(&ns, "/", "X-Forwarded-For: unknown\r\n").0, 403, "unreadable: not the proxy's own");
 }
 
 /// The status page in a real headless Chromium (Debian's `chromium`), inside the relay's

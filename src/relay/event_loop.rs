@@ -32,7 +32,7 @@ use super::policy::{Policy, Takeover};
 use super::reaper::Reaper;
 use super::shared::{Command, Report, Shared};
 use super::transport::Transport;
-use crate::admission::{client_ip, limit_key, Admission, Refused};
+use crate::admission::{client_ip, forwarded_client, limit_key, Admission, Refused};
 use crate::logging::RateLimited;
 use crate::sys::netlink::Netlink;
 use crate::sys::tap::Tap;
@@ -586,7 +586,7 @@ impl Relay {
                 let client = match (proxied, forwarded_for) {
                     (false, _) => Some(p.peer.ip()),
                     (true, Some(xff)) if trusted.iter().any(|c| c.contains(p.peer.ip())) => {
-                        Some(client_ip(p.peer.ip(), Some(&xff), trusted))
+                        forwarded_client(&xff, trusted)
                     }
                     (true, _) => None,
                 };
@@ -1015,15 +1015,15 @@ impl Relay {
         }
     }
 
-    /// Settings that may change while running (SIGHUP): limits, authentication, rate limit,
-    /// timeouts, status access. New connections use them; a new rate limit applies to new
-    /// connections only.
     /// Spares are bridge ports too: keep them only within the bridge's port limit, shared by
     /// the workers, beside `max_clients`.
     fn spares_to_keep(&self) -> usize {
         spares_within(self.settings.admission.max_clients, self.shared.workers())
     }
 
+    /// Settings that may change while running (SIGHUP): limits, authentication, rate limit,
+    /// timeouts, status access. New connections use them; a new rate limit applies to new
+    /// connections only.
     pub fn update(&mut self, s: Settings, anti_spoofing: bool) {
         self.settings = Settings {
             tap_pattern: self.settings.tap_pattern.clone(),

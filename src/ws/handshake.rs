@@ -2,8 +2,8 @@
 //! and the response bytes out. Client side (`wsnic connect`): the request bytes, and the
 //! server's response head judged.
 //!
-//! Any path is accepted; no subprotocol is selected even if offered; no extension
-//! (permessage-deflate) is negotiated. A request without `Upgrade: websocket` is plain HTTP and
+//! Any path is accepted; of the subprotocols a client offers one is named back
+//! ([`choose_protocol`]); no extension (permessage-deflate) is negotiated. A request without `Upgrade: websocket` is plain HTTP and
 //! gets a short text answer naming the server.
 
 use base64::Engine as _;
