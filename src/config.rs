@@ -355,7 +355,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "auth_token",
         default: "",
-        help: "a secret clients must give as ?token=SECRET or as the URL path /SECRET; letters, digits and - . _ ~ (empty: none)",
+        help: "a secret clients must give as ?token=SECRET or as the URL path /SECRET; letters, digits and - . _ ~ ! $ ' ( ) * + , ; = : @ (empty: none)",
     },
     Key {
         name: "anti_spoofing",
