@@ -25,6 +25,10 @@ struct Record {
     pid: u32,
     bridge: String,
     bridge_created: bool,
+    /// The MAC a bridge we create gets (in the request that creates it): a bridge of that name
+    /// without it is not ours. Recorded, not recomputed, since it derives from the machine id
+    /// or the host name, which may change before a crash is repaired.
+    bridge_mac: Option<[u8; 6]>,
     addr: Option<(Ipv4Addr, u8)>,
     table: String,
     ip_forward_before: Option<String>,
@@ -53,6 +57,9 @@ impl Record {
         if let Some((a, p)) = self.addr {
             s += &format!("addr={a}/{p}\n");
         }
+        if let Some(m) = &self.bridge_mac {
+            s += &format!("bridge_mac={}\n", crate::sys::format_mac(m));
+        }
         if let Some(v) = &self.ip_forward_before {
             s += &format!("ip_forward_before={v}\n");
         }
@@ -79,6 +86,7 @@ impl Record {
                 "pid" => r.pid = v.parse().ok()?,
                 "bridge" => r.bridge = v.to_string(),
                 "bridge_created" => r.bridge_created = v.parse().ok()?,
+                "bridge_mac" => r.bridge_mac = Some(crate::sys::parse_mac(v).ok()?),
                 "table" => r.table = v.to_string(),
                 "addr" => {
                     let (a, p) = v.split_once('/')?;
@@ -159,7 +167,16 @@ impl Network {
         let held = lock.try_clone().map_err(ctx(|| "lock".into()))?;
         let up = Self::up_locked(cfg, nl, state_path.clone(), lock);
         if up.is_err() {
-            let _ = std::fs::remove_file(state_path.with_extension("lock"));
+            // Unless a teardown on the way unlinked it already, and another start has since
+            // made (and locked) a new one there.
+            use std::os::unix::fs::MetadataExt;
+            let path = state_path.with_extension("lock");
+            let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| (a.dev(), a.ino()) == (b.dev(), b.ino());
+            if let (Ok(named), Ok(ours)) = (std::fs::metadata(&path), held.metadata()) {
+                if same(&named, &ours) {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
         }
         drop(held);
         up
@@ -217,10 +234,16 @@ impl Network {
             log::info!("adopting existing bridge {} (it will be left in place at exit)", cfg.bridge_name);
         }
         let forwarding = sysctl::read(IP_FORWARD).map_err(ctx(|| IP_FORWARD.into()))?;
-        let (ip_forward_before, after_ip_forward) = match other_instances(&cfg.bridge_name).next() {
-            // Another live wsnic here switched it on: whichever of us stops last puts back
-            // what was there before the first.
-            Some(other) if forwarding == "1" => (other.ip_forward_before, other.after_ip_forward),
+        // Another wsnic here switched it on (one still running, or one that died and has not
+        // been repaired yet): whichever of us stops last puts back what was there before the
+        // first.
+        let first = || {
+            let others: Vec<Record> = other_records(&cfg.bridge_name).collect();
+            let before_all = others.iter().position(|r| r.ip_forward_before.as_deref().is_some_and(|v| v != "1"));
+            others.into_iter().nth(before_all.unwrap_or(0))
+        };
+        let (ip_forward_before, after_ip_forward) = match (forwarding == "1").then(first).flatten() {
+            Some(other) => (other.ip_forward_before, other.after_ip_forward),
             _ if forwarding == "0" => (Some(forwarding), forwarding_side_effects()),
             _ => (Some(forwarding), Vec::new()),
         };
@@ -228,6 +251,7 @@ impl Network {
             pid: std::process::id(),
             bridge: cfg.bridge_name.clone(),
             bridge_created: existing.is_none(),
+            bridge_mac: existing.is_none().then(|| crate::sys::stable_mac(&cfg.bridge_name)),
             addr: None,
             table: cfg.nft_table(),
             ip_forward_before,
@@ -277,7 +301,7 @@ impl Network {
             // A fixed MAC: the gateway's stays the same as clients come and go, and across
             // restarts, so guests' ARP caches stay right. It is also how `undo` knows the
             // bridge of that name is still the one we made.
-            None => match self.nl.create_bridge(br, crate::sys::stable_mac(br)) {
+            None => match self.nl.create_bridge(br, record.bridge_mac.unwrap_or_else(|| crate::sys::stable_mac(br))) {
                 Ok(i) => i,
                 Err(e) => {
                     if e.raw_os_error() == Some(libc::EEXIST) {
@@ -383,11 +407,22 @@ fn other_instance_files(bridge: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// What the other live wsnic runs in this namespace recorded.
-fn other_instances(bridge: &str) -> impl Iterator<Item = Record> {
-    other_instance_files(bridge)
+/// What the other wsnic runs in this namespace (other bridges) recorded, live or dead.
+fn other_records(bridge: &str) -> impl Iterator<Item = Record> {
+    let id = crate::sys::netns_id().ok();
+    let own = id.map(|id| format!("netns{id}-{bridge}.state"));
+    let prefix = id.map(|id| format!("netns{id}-"));
+    std::fs::read_dir(STATE_DIR)
         .into_iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok().and_then(|t| Record::parse(&t)))
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(move |e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            prefix.as_ref().is_some_and(|p| name.starts_with(p))
+                && name.ends_with(".state")
+                && Some(&name) != own.as_ref()
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok().and_then(|t| Record::parse(&t)))
 }
 
 /// What switching `ip_forward` from 0 to 1 changes besides it, and back to 0 does not put
@@ -427,7 +462,8 @@ fn undo(nl: &mut Netlink, r: &Record) -> bool {
         Ok(Some(i)) if r.bridge_created => {
             // Created with our MAC in the same request: a bridge of that name without it was
             // made by someone else after ours was gone (or changed by hand), and is left alone.
-            if nl.link_mac(i).ok().flatten() != Some(crate::sys::stable_mac(&r.bridge)) {
+            let ours = r.bridge_mac.unwrap_or_else(|| crate::sys::stable_mac(&r.bridge)); // older records
+            if nl.link_mac(i).ok().flatten() != Some(ours) {
                 log::warn!("not deleting bridge {}: its MAC is not the one wsnic gave it", r.bridge);
             } else if let Err(e) = nl.delete_link(i) {
                 failed(format!("deleting bridge {}: {e}", r.bridge));
@@ -486,6 +522,7 @@ mod tests {
             pid: 42,
             bridge: "wsnicbr0".into(),
             bridge_created: true,
+            bridge_mac: Some([2, 0x11, 0x22, 0x33, 0x44, 0x55]),
             addr: Some((Ipv4Addr::new(192, 168, 2, 1), 24)),
             table: "wsnic_wsnicbr0".into(),
             ip_forward_before: Some("0".into()),

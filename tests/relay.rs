@@ -271,6 +271,27 @@ fn two_instances_restore_ip_forward_from_before_the_first() {
     }
 }
 
+/// The same when the first dies (SIGKILL) before the second starts and is restarted while
+/// the second runs: its value from before is not lost.
+#[test]
+fn ip_forward_survives_a_crash_between_two_instances() {
+    let ns = Netns::new("fwd3");
+    ns.set_sysctl("net.ipv4.ip_forward", "0");
+    let a_args = ["--bridge-name", "br-a", "--bridge-subnet", "10.9.1.0/24"];
+    let mut a = Wsnic::start(&ns, &a_args);
+    a.signal("KILL");
+    a.wait_exit();
+    let log = a.log.clone();
+    drop(a);
+    let b = Wsnic::start(&ns, &["--bridge-name", "br-b", "--bridge-subnet", "10.9.2.0/24", "--ws-server-port", "8071"]);
+    let mut a = Wsnic::start_logging(&ns, &a_args, log);
+    a.wait_log("did not exit cleanly", 5 * SEC);
+    assert_eq!(a.stop(), 0);
+    assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "1", "b still forwards");
+    assert_eq!(b.stop(), 0);
+    assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "0", "the value from before a");
+}
+
 #[test]
 fn sigkill_then_restart_repairs() {
     let ns = Netns::new("kill");
