@@ -255,3 +255,37 @@ fn one_address_cannot_hold_every_handshake_slot() {
     first.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     assert!(first.read(&mut b).is_err(), "a held handshake was closed");
 }
+
+/// One IPv6 host can pick a new address in its /64 for every connection: the per-address
+/// limit counts the /64, not the address (real sockets from three source addresses).
+#[test]
+fn an_ipv6_64_counts_as_one_address() {
+    let ns = Netns::new("v6limit");
+    for a in ["2001:db8:1:2::a/64", "2001:db8:1:2::b/64", "2001:db8:1:3::a/64"] {
+        ns.ip(&["-6", "addr", "add", a, "dev", "lo", "nodad"]);
+    }
+    let _w = Wsnic::start(&ns, &["--ws-server-addr", "::", "--max-clients-per-ip", "1"]);
+    let upgrade_from = |src: &'static str| -> (u16, std::net::TcpStream) {
+        ns.enter(move || {
+            use std::io::{Read, Write};
+            let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+            let from: std::net::SocketAddr = format!("[{src}]:0").parse().unwrap();
+            s.bind(&from.into()).unwrap();
+            let to: std::net::SocketAddr = "[2001:db8:1:2::a]:8070".parse().unwrap();
+            s.connect(&to.into()).unwrap();
+            let mut s: std::net::TcpStream = s.into();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).unwrap();
+            let status = String::from_utf8_lossy(&head[9..12]).parse().unwrap();
+            (status, s)
+        })
+    };
+    let (first, _a) = upgrade_from("2001:db8:1:2::a");
+    assert_eq!(first, 101);
+    let (second, _b) = upgrade_from("2001:db8:1:2::b");
+    assert_eq!(second, 429, "another address of the same /64");
+    let (third, _c) = upgrade_from("2001:db8:1:3::a");
+    assert_eq!(third, 101, "another /64");
+}
