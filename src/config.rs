@@ -189,6 +189,9 @@ pub struct Config {
     pub wss_private_key: Option<std::path::PathBuf>,
     /// Where each key was last set ("wsnic.conf:12", "--bridge-name"); for error messages.
     origins: HashMap<&'static str, String>,
+    /// When each key was last set (a count of `set_from` calls): which of two conflicting keys
+    /// came later.
+    set_order: HashMap<&'static str, usize>,
 }
 
 /// Keys whose change needs a restart (the network, the listener, DHCP, the firewall table);
@@ -458,11 +461,13 @@ impl Default for Config {
             wss_certificate: None,
             wss_private_key: None,
             origins: HashMap::new(),
+            set_order: HashMap::new(),
         };
         for k in KEYS {
             c.set(k.name, k.default).expect("built-in default is valid");
         }
         c.origins.clear();
+        c.set_order.clear();
         c
     }
 }
@@ -699,6 +704,8 @@ impl Config {
         })?;
         if let Some(k) = KEYS.iter().find(|k| k.name == key) {
             self.origins.insert(k.name, origin);
+            let n = self.set_order.values().max().copied().unwrap_or(0) + 1;
+            self.set_order.insert(k.name, n);
         }
         Ok(())
     }
@@ -745,7 +752,8 @@ impl Config {
         let err =
             |key: &str, message: String| Err(ConfigError { origin: self.origin(key), key: Some(key.into()), message });
         if self.idle_timeout <= self.ping_interval {
-            let key = if self.origins.contains_key("idle_timeout") { "idle_timeout" } else { "ping_interval" };
+            let when = |k: &str| self.set_order.get(k).copied().unwrap_or(0);
+            let key = if when("idle_timeout") >= when("ping_interval") { "idle_timeout" } else { "ping_interval" };
             return err(
                 key,
                 format!(
@@ -975,6 +983,20 @@ mod tests {
         c.validate().unwrap();
     }
 
+    /// A conflict between two keys names the one set later, where it was set.
+    #[test]
+    fn a_conflict_names_the_later_key() {
+        let mut c = Config::default();
+        c.apply_file_text("w.conf", "idle_timeout=40s\n").unwrap();
+        c.set_from("ping_interval", "60s", "--ping-interval".into()).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("--ping-interval: ping_interval: idle_timeout (40s)"), "{e}");
+        let mut c = Config::default();
+        c.apply_file_text("w.conf", "ping_interval=60s\n").unwrap();
+        c.set_from("idle_timeout", "40s", "--idle-timeout".into()).unwrap();
+        assert!(c.validate().unwrap_err().to_string().starts_with("--idle-timeout: idle_timeout:"));
+    }
+
     #[test]
     fn errors_name_file_line_and_key() {
         let mut c = Config::default();
@@ -1181,6 +1203,6 @@ mod tests {
         }
         let mut c = Config::default();
         c.apply_file_text("wsnic.conf.template", t).unwrap();
-        assert_eq!(c, Config { origins: c.origins.clone(), ..Config::default() });
+        assert_eq!(c, Config { origins: c.origins.clone(), set_order: c.set_order.clone(), ..Config::default() });
     }
 }
