@@ -170,6 +170,10 @@ fn status_page_in_headless_chromium() {
 
 /// A browser page that offers subprotocols (websockify-style clients offer `binary`) is
 /// connected: Chromium fails the connection unless the server names one of them.
+///
+/// `--dump-dom` prints the page once it has loaded, which does not wait for a WebSocket; so
+/// the page holds its load event with an image that a little server here answers only once
+/// the page has reported the WebSocket's outcome (or after 10 s).
 #[test]
 fn a_browser_offering_a_subprotocol_connects() {
     let ns = Netns::new("chromiumws");
@@ -178,41 +182,62 @@ fn a_browser_offering_a_subprotocol_connects() {
     std::fs::write(
         &page,
         "<!doctype html><body><script>\n\
+         const done = (what) => { document.body.setAttribute('data-ws', what);\n\
+           fetch('http://127.0.0.1:8099/done', { mode: 'no-cors' }).catch(() => {}); };\n\
          const ws = new WebSocket('ws://127.0.0.1:8070/', ['binary']);\n\
-         ws.onopen = () => { document.body.setAttribute('data-ws', 'open ' + ws.protocol); ws.close(); };\n\
-         ws.onerror = () => { document.body.setAttribute('data-ws', 'failed'); };\n\
-         </script></body>",
+         ws.onopen = () => { done('open ' + ws.protocol); ws.close(); };\n\
+         ws.onerror = () => done('failed');\n\
+         </script><img src=\"http://127.0.0.1:8099/hold\"></body>",
     )
     .unwrap();
+    let listener = ns.enter(|| std::net::TcpListener::bind("127.0.0.1:8099").expect("bind 8099"));
+    let holder = std::thread::spawn(move || hold_until_done(listener, Duration::from_secs(10)));
     let profile = std::env::temp_dir().join(format!("{}-profile", ns.name));
-    // --dump-dom does not always wait for the WebSocket's events: try again until the page
-    // has an answer either way.
-    let mut dom = String::new();
-    for _ in 0..5 {
-        let out = ns
-            .cmd("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--virtual-time-budget=5000",
-                "--dump-dom",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg(format!("file://{}", page.display()))
-            .output()
-            .expect("chromium (Debian package `chromium`)");
-        dom = String::from_utf8_lossy(&out.stdout).into_owned();
-        if dom.contains("data-ws=") {
-            break;
-        }
-    }
+    let out = ns
+        .cmd("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("chromium (Debian package `chromium`)");
+    let reported = holder.join().unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
     let _ = std::fs::remove_dir_all(&profile);
     let _ = std::fs::remove_file(&page);
-    assert!(dom.contains("data-ws=\"open binary\""), "{dom}");
+    assert!(dom.contains("data-ws=\"open binary\""), "reported: {reported}\n{dom}");
+}
+
+/// Serve `listener`: hold every request until one for `/done` comes (or `limit` passes), then
+/// answer them all. Returns whether `/done` came.
+fn hold_until_done(listener: std::net::TcpListener, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    listener.set_nonblocking(true).unwrap();
+    let (mut held, mut done) = (Vec::new(), false);
+    while !done && std::time::Instant::now() < deadline {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut head = [0u8; 512];
+                let n = s.read(&mut head).unwrap_or(0);
+                done |= head[..n].starts_with(b"GET /done ");
+                held.push(s);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    for mut s in held {
+        let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+    }
+    done
 }
