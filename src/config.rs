@@ -227,6 +227,9 @@ pub const RESTART_KEYS: &[&str] = &[
     "tcp_congestion",
 ];
 
+/// The entries of [`Config::summary`] made only of keys a reload applies.
+const SUMMARY_RELOADED: [&str; 4] = ["max_clients", "auth", "anti_spoofing", "rate_limit"];
+
 /// One configuration key: its name, default (as written in the file) and meaning.
 pub struct Key {
     pub name: &'static str,
@@ -895,14 +898,12 @@ impl Config {
     /// The summary after a reload to `self` while `running` is in force: keys that need a
     /// restart show what still runs (a reload does not apply them), the others the new values.
     pub fn summary_after_reload(&self, running: &Config, uplink: Option<&str>) -> Vec<(&'static str, String)> {
-        // The summary's entries made only of keys a reload applies.
-        const RELOADED: [&str; 4] = ["max_clients", "auth", "anti_spoofing", "rate_limit"];
         let new = self.summary(uplink);
         running
             .summary(uplink)
             .into_iter()
             .zip(new)
-            .map(|(old, new)| if RELOADED.contains(&old.0) { new } else { old })
+            .map(|(old, new)| if SUMMARY_RELOADED.contains(&old.0) { new } else { old })
             .collect()
     }
 
@@ -1161,7 +1162,7 @@ mod tests {
         assert_eq!(get("rate_limit"), "1000 kbit/s");
         // Every entry not listed as reloaded is made only of keys that need a restart.
         for (k, _) in Config::default().summary(None) {
-            let reloadable = ["max_clients", "auth", "anti_spoofing", "rate_limit"].contains(&k);
+            let reloadable = SUMMARY_RELOADED.contains(&k);
             let keys: &[&str] = match k {
                 "listen" => &["ws_server_addr", "ws_server_port", "wss_port"],
                 "bridge" => &["bridge_name", "bridge_subnet"],

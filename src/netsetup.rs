@@ -135,7 +135,6 @@ fn ctx(what: impl FnOnce() -> String) -> impl FnOnce(io::Error) -> String {
 /// lock a new one beside it. So a lock counts only if the path still names the locked file.
 fn try_lock(state: &std::path::Path) -> io::Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::MetadataExt;
     std::fs::create_dir_all(STATE_DIR)?;
     let path = state.with_extension("lock");
     loop {
@@ -147,11 +146,19 @@ fn try_lock(state: &std::path::Path) -> io::Result<Option<std::fs::File>> {
                 e => Err(e),
             };
         }
-        let (held, named) = (f.metadata()?, std::fs::metadata(&path));
-        if named.is_ok_and(|n| (n.dev(), n.ino()) == (held.dev(), held.ino())) {
+        if names(&path, &f) {
             return Ok(Some(f));
         }
         // Unlinked while we locked it: try again with the file the path names now.
+    }
+}
+
+/// Does `path` name the open file `f` (same device and inode)?
+fn names(path: &std::path::Path, f: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), f.metadata()) {
+        (Ok(n), Ok(h)) => (n.dev(), n.ino()) == (h.dev(), h.ino()),
+        _ => false,
     }
 }
 
@@ -169,13 +176,9 @@ impl Network {
         if up.is_err() {
             // Unless a teardown on the way unlinked it already, and another start has since
             // made (and locked) a new one there.
-            use std::os::unix::fs::MetadataExt;
             let path = state_path.with_extension("lock");
-            let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| (a.dev(), a.ino()) == (b.dev(), b.ino());
-            if let (Ok(named), Ok(ours)) = (std::fs::metadata(&path), held.metadata()) {
-                if same(&named, &ours) {
-                    let _ = std::fs::remove_file(&path);
-                }
+            if names(&path, &held) {
+                let _ = std::fs::remove_file(&path);
             }
         }
         drop(held);
@@ -390,39 +393,31 @@ fn disable_ipv6(ifname: &str) -> String {
     format!("net/ipv6/conf/{ifname}/disable_ipv6")
 }
 
-/// The state files of the other live wsnic runs (other bridges) in this namespace.
-fn other_instance_files(bridge: &str) -> Vec<PathBuf> {
+/// The state files of the other wsnic runs (other bridges) in this namespace, live or dead.
+fn other_state_files(bridge: &str) -> Vec<PathBuf> {
     let Ok(id) = crate::sys::netns_id() else { return Vec::new() };
     let prefix = format!("netns{id}-");
+    let own = format!("{prefix}{bridge}.state");
     let Ok(dir) = std::fs::read_dir(STATE_DIR) else { return Vec::new() };
     dir.filter_map(Result::ok)
         .filter(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with(&prefix)
-                && name.ends_with(".state")
-                && name != format!("{prefix}{bridge}.state")
-                && matches!(try_lock(&e.path()), Ok(None))
+            name.starts_with(&prefix) && name.ends_with(".state") && name != own
         })
         .map(|e| e.path())
         .collect()
 }
 
+/// The state files of the other live wsnic runs (other bridges) in this namespace.
+fn other_instance_files(bridge: &str) -> Vec<PathBuf> {
+    other_state_files(bridge).into_iter().filter(|p| matches!(try_lock(p), Ok(None))).collect()
+}
+
 /// What the other wsnic runs in this namespace (other bridges) recorded, live or dead.
 fn other_records(bridge: &str) -> impl Iterator<Item = Record> {
-    let id = crate::sys::netns_id().ok();
-    let own = id.map(|id| format!("netns{id}-{bridge}.state"));
-    let prefix = id.map(|id| format!("netns{id}-"));
-    std::fs::read_dir(STATE_DIR)
+    other_state_files(bridge)
         .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter(move |e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            prefix.as_ref().is_some_and(|p| name.starts_with(p))
-                && name.ends_with(".state")
-                && Some(&name) != own.as_ref()
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok().and_then(|t| Record::parse(&t)))
+        .filter_map(|p| std::fs::read_to_string(p).ok().and_then(|t| Record::parse(&t)))
 }
 
 /// What switching `ip_forward` from 0 to 1 changes besides it, and back to 0 does not put

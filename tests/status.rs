@@ -57,6 +57,27 @@ fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
+/// Headless Chromium (Debian's `chromium`) in `ns` with a fresh profile `profile`, as the probe
+/// of this machine runs it: `extra` arguments, then `url`.
+fn chromium(ns: &Netns, profile: &std::path::Path, extra: &[&str], url: &str) -> std::process::Output {
+    ns.cmd("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("chromium (Debian package `chromium`)")
+}
+
 #[test]
 fn healthz_metrics_and_status_page() {
     let ns = Netns::new("status");
@@ -139,29 +160,16 @@ fn status_page_in_headless_chromium() {
     let shot = std::env::var("WSNIC_SCREENSHOT")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir().join(format!("{}.png", ns.name)));
-    let chromium = |extra: &[&str]| {
-        let mut c = ns.cmd("chromium");
-        c.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(extra)
-        .arg("http://127.0.0.1:8070/");
-        c.output().expect("chromium (Debian package `chromium`)")
-    };
-    let dom = chromium(&["--dump-dom"]);
+    let dom = chromium(&ns, &profile, &["--hide-scrollbars", "--dump-dom"], "http://127.0.0.1:8070/");
     let dom = String::from_utf8_lossy(&dom.stdout);
     assert!(dom.contains("<table id=\"clients\">") || dom.contains("id=\"clients\""), "{dom}");
     assert!(dom.contains("wsnic0") && dom.contains(&ip.to_string()), "the client is not on the page: {dom}");
-    let out = chromium(&[&format!("--screenshot={}", shot.display()), "--window-size=1100,520"]);
+    let out = chromium(
+        &ns,
+        &profile,
+        &["--hide-scrollbars", &format!("--screenshot={}", shot.display()), "--window-size=1100,520"],
+        "http://127.0.0.1:8070/",
+    );
     let png =
         std::fs::read(&shot).unwrap_or_else(|_| panic!("no screenshot: {}", String::from_utf8_lossy(&out.stderr)));
     assert!(png.starts_with(b"\x89PNG") && png.len() > 5_000, "{} bytes", png.len());
@@ -193,23 +201,7 @@ fn a_browser_offering_a_subprotocol_connects() {
     let listener = ns.enter(|| std::net::TcpListener::bind("127.0.0.1:8099").expect("bind 8099"));
     let holder = std::thread::spawn(move || hold_until_done(listener, Duration::from_secs(10)));
     let profile = std::env::temp_dir().join(format!("{}-profile", ns.name));
-    let out = ns
-        .cmd("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("file://{}", page.display()))
-        .output()
-        .expect("chromium (Debian package `chromium`)");
+    let out = chromium(&ns, &profile, &["--dump-dom"], &format!("file://{}", page.display()));
     let reported = holder.join().unwrap();
     let dom = String::from_utf8_lossy(&out.stdout).into_owned();
     let _ = std::fs::remove_dir_all(&profile);
