@@ -318,10 +318,20 @@ impl Network {
         };
         self.bridge_index = index;
         let (addr, prefix) = (cfg.bridge_addr(), cfg.bridge_subnet.prefix);
-        if self.nl.add_ipv4(index, addr, prefix).map_err(ctx(|| format!("adding {addr}/{prefix} to {br}")))? {
+        // Recorded before it is added, so that a run killed in between leaves no address
+        // behind for good (crash repair deletes it, and deleting one that is absent is fine);
+        // but only when the bridge does not have it already, which would then be deleted.
+        let adding = || format!("adding {addr}/{prefix} to {br}");
+        if !self.nl.has_ipv4(index, addr, prefix).map_err(ctx(adding))? {
             record.addr = Some((addr, prefix));
             self.record.addr = record.addr;
             self.save()?;
+            if !self.nl.add_ipv4(index, addr, prefix).map_err(ctx(adding))? {
+                // Someone added it since we looked: theirs, not to be deleted.
+                record.addr = None;
+                self.record.addr = None;
+                self.save()?;
+            }
         }
         if existing.is_some() && !self.nl.link_is_up(index).map_err(ctx(|| format!("reading {br}'s state")))? {
             record.bridge_was_down = true;

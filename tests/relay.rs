@@ -383,6 +383,32 @@ fn existing_bridge_is_adopted_and_left() {
     assert!(!link.contains(",UP") && !link.contains("<UP"), "it was down before the run: {link}");
 }
 
+/// On an adopted bridge the gateway address goes with the run that added it, also when that
+/// run was killed (the next start repairs), and stays if the bridge had it before.
+#[test]
+fn an_adopted_bridge_loses_only_the_gateway_address_wsnic_added() {
+    let ns = Netns::new("adoptaddr");
+    ns.ip(&["link", "add", "wsnicbr0", "type", "bridge"]);
+    let has_gw = || ns.ip(&["addr", "show", "dev", "wsnicbr0"]).contains("192.168.2.1/24");
+    for had_it in [false, true] {
+        if had_it {
+            ns.ip(&["addr", "add", "192.168.2.1/24", "dev", "wsnicbr0"]);
+        }
+        let mut w = Wsnic::start(&ns, &[]);
+        w.wait_log("adopting existing bridge", 5 * SEC);
+        assert!(has_gw());
+        w.signal("KILL");
+        w.wait_exit();
+        let log = w.log.clone();
+        drop(w);
+        let mut w = Wsnic::start_logging(&ns, &[], log);
+        w.wait_log("did not exit cleanly", 5 * SEC);
+        Guest::connect(&ns, mac(38), ip(38)).arp(GW);
+        assert_eq!(w.stop(), 0);
+        assert_eq!(has_gw(), had_it, "the bridge had the address before: {had_it}");
+    }
+}
+
 /// An adopted bridge keeps its IPv6 addresses (switching IPv6 off on it would delete them for
 /// good), and with the egress policy clients still cannot reach the host over them.
 #[test]

@@ -295,6 +295,24 @@ impl Netlink {
         }
     }
 
+    /// Does link `index` have `addr/prefix` (the pair the kernel refuses to add twice)?
+    pub fn has_ipv4(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<bool> {
+        let mut req = AddressMessage::default();
+        req.header.family = AddressFamily::Inet;
+        req.header.index = index; // the kernel may filter by it; the replies are checked anyway
+        let mut found = false;
+        self.request(RouteNetlinkMessage::GetAddress(req), NLM_F_DUMP, |m| {
+            if let RouteNetlinkMessage::NewAddress(a) = m {
+                let local = a.attributes.iter().find_map(|attr| match attr {
+                    AddressAttribute::Local(IpAddr::V4(l)) => Some(*l),
+                    _ => None,
+                });
+                found |= a.header.index == index && a.header.prefix_len == prefix && local == Some(addr);
+            }
+        })?;
+        Ok(found)
+    }
+
     /// Remove `addr/prefix` from link `index`; absent address or link is fine.
     pub fn del_ipv4(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
         let msg = addr_msg(index, addr, prefix)?;
