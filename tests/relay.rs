@@ -364,6 +364,24 @@ fn an_unreadable_state_file_stops_the_start() {
     assert!(!state.with_extension("lock").exists(), "a failed start leaves no lock file");
 }
 
+/// A start whose state file cannot be written once it has begun changing the network (here
+/// /run/wsnic is a tmpfs with room for one file, so the first rewrite fails) stops, and puts
+/// back what it had made.
+#[test]
+fn a_state_file_that_cannot_be_rewritten_stops_the_start_and_leaves_nothing() {
+    let ns = Netns::new("nospace");
+    ns.set_sysctl("net.ipv4.ip_forward", "0");
+    // `ip netns exec` runs it in a mount namespace of its own: the tmpfs is seen only there.
+    let script = format!("mkdir -p /run/wsnic && mount -t tmpfs -o size=4k tmpfs /run/wsnic && exec {}", support::BIN);
+    let out = ns.cmd("timeout").args(["10", "sh", "-c", &script]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("state file") && err.contains("No space left"), "{err}");
+    assert!(!ns.link_exists("wsnicbr0"), "the bridge stayed");
+    assert!(!ns.nft_tables().contains("wsnic"), "{}", ns.nft_tables());
+    assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "0");
+}
+
 #[test]
 fn existing_bridge_is_adopted_and_left() {
     let ns = Netns::new("adopt");
