@@ -346,6 +346,34 @@ fn crash_repair_leaves_a_bridge_someone_else_made_since() {
     assert!(ns.link_exists("wsnicbr0"), "someone else's bridge was deleted");
 }
 
+/// Crash repair knows the bridge a dead run made by the MAC that run recorded, not by one
+/// derived again from the machine id (or host name), which may have changed since.
+#[test]
+fn crash_repair_finds_its_bridge_after_the_machine_id_changed() {
+    let ns = Netns::new("kill4");
+    let mut w = Wsnic::start(&ns, &[]);
+    w.signal("KILL");
+    w.wait_exit();
+    drop(w);
+    let id = std::env::temp_dir().join(format!("{}.machine-id", ns.name));
+    std::fs::write(&id, "0123456789abcdef0123456789abcdef\n").unwrap();
+    // In `ip netns exec`'s own mount namespace, and a UTS namespace (for a host without a
+    // machine id): the next start sees another machine.
+    let script = format!(
+        "if [ -e /etc/machine-id ]; then mount --bind {} /etc/machine-id || exit 9; fi; \
+         exec unshare -u sh -c 'hostname wsnic-test-other-host && exec timeout -s TERM 3 {} -v'",
+        id.display(),
+        support::BIN
+    );
+    let out = ns.cmd("sh").args(["-c", &script]).output().unwrap();
+    let _ = std::fs::remove_file(&id);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(124), "stopped by timeout's SIGTERM: {log}");
+    assert!(log.contains("did not exit cleanly") && log.contains("listening on"), "{log}");
+    assert!(!log.contains("not deleting bridge") && !log.contains("adopting"), "{log}");
+    assert!(!ns.link_exists("wsnicbr0"), "the dead run's bridge stayed: {log}");
+}
+
 /// A state file that cannot be read may stand for state left behind: wsnic says so and does
 /// not start over it.
 #[test]
