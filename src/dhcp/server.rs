@@ -7,7 +7,9 @@
 //!
 //! A client is known by its *key*: the client identifier (61) if it sent one, else `htype`
 //! followed by `chaddr` — the form RFC 2132 §9.14 recommends for client identifiers, so a client
-//! that sends `01:<mac>` as its identifier only some of the time is still one client.
+//! that sends `01:<mac>` as its identifier only some of the time is still one client. An
+//! identifier that does not end with `chaddr` gets it appended, so every key ends with its
+//! client's MAC and no client can name another's lease ([`key_of`]).
 //!
 //! Every record (an outstanding offer or a lease) belongs to at most one WebSocket connection,
 //! and a connection has at most one record: when a connection asks with a new key, the record it
@@ -125,17 +127,40 @@ impl Record {
     }
 }
 
-/// The lease key of `msg`: its client identifier, else htype followed by the MAC.
-fn client_key<'a>(msg: &'a Message, chaddr: [u8; 6], buf: &'a mut [u8; 7]) -> Option<&'a [u8]> {
-    match msg.client_id() {
-        Some(id) if id.len() > MAX_CLIENT_ID => None,
-        Some(id) if !id.is_empty() => Some(id),
+/// Room for the longest key: an identifier with the MAC appended.
+const KEY_BUF: usize = MAX_CLIENT_ID + 6;
+
+/// The lease key of `msg`: its client identifier, else htype followed by the MAC; an identifier
+/// that does not end with the MAC gets it appended (see [`key_of`]).
+fn client_key<'a>(msg: &'a Message, chaddr: [u8; 6], buf: &'a mut [u8; KEY_BUF]) -> Option<&'a [u8]> {
+    let id = match msg.client_id() {
+        Some(id) if id.len() > MAX_CLIENT_ID => return None,
+        Some(id) if !id.is_empty() => id,
         _ => {
             buf[0] = msg.htype;
-            buf[1..].copy_from_slice(&chaddr);
-            Some(&buf[..])
+            buf[1..7].copy_from_slice(&chaddr);
+            return Some(&buf[..7]);
         }
+    };
+    if id.ends_with(&chaddr) {
+        return Some(id);
     }
+    buf[..id.len()].copy_from_slice(id);
+    buf[id.len()..id.len() + 6].copy_from_slice(&chaddr);
+    Some(&buf[..id.len() + 6])
+}
+
+/// A key as [`client_key`] makes it for identifier `id` from `mac`: every key ends with the
+/// client's MAC, so clients with different MACs never share one whatever identifier they send.
+/// (One client cannot name another's lease to take, release or decline it; guests cloned from
+/// one disk image, whose DUID-based identifiers are equal, do not fight over one address.) Also
+/// brings keys of lease files from before this rule up to it.
+pub fn key_of(id: &[u8], mac: [u8; 6]) -> Vec<u8> {
+    let mut k = id.to_vec();
+    if !k.ends_with(&mac) {
+        k.extend_from_slice(&mac);
+    }
+    k
 }
 
 /// The DHCP server state. See the module documentation.
@@ -288,7 +313,7 @@ impl Server {
     /// address, or release it.
     pub fn key_held_elsewhere(&self, conn: ConnId, msg: &Message) -> Option<ConnId> {
         let chaddr = msg.client_mac()?;
-        let mut key_buf = [0u8; 7];
+        let mut key_buf = [0u8; KEY_BUF];
         let key = client_key(msg, chaddr, &mut key_buf)?;
         let ip = self.by_key.get(key)?;
         self.records.get(ip)?.lease.conn.filter(|&c| c != conn)
@@ -312,6 +337,9 @@ impl Server {
         self.epoch += 1;
         for mut lease in leases {
             let ip = u32::from(lease.ip);
+            if !lease.client_key.is_empty() {
+                lease.client_key = key_of(&lease.client_key, lease.mac);
+            }
             let allowed = self.allowed(ip, Some(lease.mac)) && !self.quarantine.contains_key(&ip);
             if !allowed || lease.client_key.is_empty() || self.records.contains_key(&ip) {
                 log::warn!("DHCP lease file: dropping the lease of {} (not in the pool, or taken twice)", lease.ip);
@@ -396,7 +424,7 @@ impl Server {
             return None;
         }
         let chaddr = msg.client_mac()?;
-        let mut key_buf = [0u8; 7];
+        let mut key_buf = [0u8; KEY_BUF];
         let key = client_key(msg, chaddr, &mut key_buf)?;
         let ty = msg.message_type()?;
         let ours = msg.server_id().is_none_or(|s| s == self.cfg.server_ip);
@@ -1356,6 +1384,55 @@ mod tests {
         s.connection_closed(77, T0 + 400);
         assert_eq!(s.free_count(T0 + 701), 253 - 48);
         assert_eq!(s.handle(78, mac(1), true, &req(Discover, mac(1)), T0 + 10_000).unwrap().msg.yiaddr, a);
+    }
+
+    /// A client naming another's MAC as its identifier gets a key of its own: it can neither
+    /// take nor release the other's lease, nor lock the other out of it.
+    #[test]
+    fn a_client_identifier_names_no_other_mac() {
+        let mut s = server();
+        let v = dora(&mut s, 1, mac(1), T0);
+        let victim_id = [&[1u8][..], &mac(1)].concat();
+        let m = with(init_reboot(mac(2), v), opt::CLIENT_ID, &victim_id);
+        assert_eq!(s.key_held_elsewhere(2, &m), None);
+        assert_eq!(ty(&s.handle(2, mac(2), true, &m, T0 + 1)), Some(Nak));
+        let rel = with(Message { ciaddr: v, ..req(Release, mac(2)) }, opt::CLIENT_ID, &victim_id);
+        s.handle(2, mac(2), true, &rel, T0 + 2);
+        assert_eq!(s.bound_ip(1, T0 + 2), Some(v));
+        // Its own DORA with that identifier gets another address, and the victim renews.
+        let d = with(req(Discover, mac(2)), opt::CLIENT_ID, &victim_id);
+        let o = s.handle(2, mac(2), true, &d, T0 + 3).unwrap().msg.yiaddr;
+        assert_ne!(o, v);
+        assert_eq!(s.key_held_elsewhere(1, &renew(mac(1), v)), None);
+        assert_eq!(ty(&s.handle(1, mac(1), false, &renew(mac(1), v), T0 + 4)), Some(Ack));
+    }
+
+    /// Guests cloned from one image send the same DUID-based identifier from different MACs:
+    /// each gets an address of its own, and keeps it across a restart (lease file keys from
+    /// before the MAC was part of every key are brought up to the rule).
+    #[test]
+    fn one_identifier_from_two_macs_is_two_clients() {
+        let duid = [0xff, 0, 0, 0, 1, 0, 4, 0xde, 0xad, 0xbe, 0xef];
+        let dora_id = |s: &mut Server, conn: ConnId, m: [u8; 6], now: u64| {
+            let d = with(req(Discover, m), opt::CLIENT_ID, &duid);
+            let o = s.handle(conn, m, true, &d, now).unwrap().msg.yiaddr;
+            let r = with(selecting(m, o, SERVER), opt::CLIENT_ID, &duid);
+            assert_eq!(ty(&s.handle(conn, m, true, &r, now)), Some(Ack));
+            o
+        };
+        let mut s = server();
+        let a = dora_id(&mut s, 1, mac(1), T0);
+        let b = dora_id(&mut s, 2, mac(2), T0);
+        assert_ne!(a, b);
+        assert_eq!(s.bound_ip(1, T0), Some(a));
+        // A lease file written when the key was the identifier alone.
+        let mut old: Vec<Lease> = s.leases().cloned().collect();
+        for l in &mut old {
+            l.client_key = duid.to_vec();
+        }
+        let mut s = server();
+        s.load(old.into_iter().filter(|l| l.ip == a).collect(), T0 + 10);
+        assert_eq!(dora_id(&mut s, 3, mac(1), T0 + 11), a);
     }
 
     #[test]
