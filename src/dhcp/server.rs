@@ -18,12 +18,14 @@
 //! there (this is how a reconnecting browser VM keeps its address).
 //!
 //! An address is *pinned* — never given to anyone else — while its lease is bound to a live
-//! connection and unexpired, while it is reserved for a MAC, and while it is quarantined after a
-//! DECLINE. Everything else is a courtesy that gives way when the pool runs out: an outstanding
-//! offer (`offer_timeout`), the grace period after a connection closed (`grace`), the memory of
-//! an expired lease (so a returning client gets its old address). A new client gets, in order: a
-//! never-used address, else the one whose courtesy ended longest ago or ends soonest. The pool
-//! is exhausted only when every address is pinned; that is logged once per episode.
+//! connection and unexpired, and while it is reserved for a MAC. Everything else is a courtesy
+//! that gives way when the pool runs out: an outstanding offer (`offer_timeout`), the grace
+//! period after a connection closed (`grace`), the memory of an expired lease (so a returning
+//! client gets its old address), and last the quarantine of an address a client declined (one
+//! per connection, of the lease acknowledged on it). A new client gets, in order: a never-used
+//! address, else the one whose courtesy ended longest ago or ends soonest, else the one whose
+//! quarantine ends soonest. The pool is exhausted only when every address is pinned; that is
+//! logged once per episode.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -179,6 +181,10 @@ pub struct Server {
     by_conn: HashMap<ConnId, u32>,
     /// Address → end of its quarantine.
     quarantine: BTreeMap<u32, u64>,
+    /// Connections that have had an address quarantined: one each.
+    declined: HashSet<ConnId>,
+    /// DECLINEs are logged at most once a minute: not before this time, with how many were not.
+    decline_log: (u64, u64),
     /// Earliest offer or quarantine end: `expire` has nothing to do before it.
     next_deadline: u64,
     /// Earliest end of a live connection's lease: `expire` moves the epoch when it passes.
@@ -245,6 +251,8 @@ impl Server {
             by_key: HashMap::new(),
             by_conn: HashMap::new(),
             quarantine: BTreeMap::new(),
+            declined: HashSet::new(),
+            decline_log: (0, 0),
             next_deadline: u64::MAX,
             next_lease_end: u64::MAX,
             dirty: false,
@@ -361,6 +369,7 @@ impl Server {
 
     /// The connection closed: its lease enters the grace period, its offer is dropped.
     pub fn connection_closed(&mut self, conn: ConnId, now: u64) {
+        self.declined.remove(&conn);
         let Some(ip) = self.by_conn.remove(&conn) else { return };
         let r = self.records.get_mut(&ip).expect("by_conn points at a record");
         if r.bound {
@@ -509,17 +518,36 @@ impl Server {
         }
     }
 
+    /// A client declines the address it was given (it found it in use, RFC 2131 §3.1.5): the
+    /// address is quarantined. Only the lease acknowledged on this connection counts, and only
+    /// once per connection: else one client could quarantine the pool address by address with
+    /// offers and DECLINEs. A second DECLINE frees the address without a quarantine. (And a
+    /// quarantined address is still the last resort of [`Server::pick`].)
     fn decline(&mut self, c: &Client, msg: &Message, now: u64) {
         let Some(&ip) = self.by_key.get(c.key) else { return };
-        if msg.requested_ip().is_some_and(|r| u32::from(r) != ip) {
+        let r = &self.records[&ip];
+        if !r.bound || r.lease.conn != Some(c.conn) || msg.requested_ip().is_some_and(|q| u32::from(q) != ip) {
             return;
         }
-        log::warn!(
-            "DHCP: {} declined {} (in use by someone else?); quarantined",
-            format_mac(&c.chaddr),
-            Ipv4Addr::from(ip)
-        );
         self.remove(ip);
+        if !self.declined.insert(c.conn) {
+            return;
+        }
+        let (next, unlogged) = &mut self.decline_log;
+        if now >= *next {
+            let more = match std::mem::take(unlogged) {
+                0 => String::new(),
+                n => format!(" ({n} more DECLINEs in the last minute not logged)"),
+            };
+            log::warn!(
+                "DHCP: {} declined {} (in use by someone else?); quarantined{more}",
+                format_mac(&c.chaddr),
+                Ipv4Addr::from(ip)
+            );
+            *next = now + 60;
+        } else {
+            *unlogged += 1;
+        }
         let until = now + u64::from(self.cfg.quarantine);
         self.quarantine.insert(ip, until);
         self.next_deadline = self.next_deadline.min(until);
@@ -622,7 +650,8 @@ impl Server {
             .filter(|ip| self.available(*ip, now))
             .or(prev.filter(|ip| self.available(*ip, now)))
             .or_else(|| self.lowest_unused())
-            .or_else(|| self.oldest_reclaimable(now));
+            .or_else(|| self.oldest_reclaimable(now))
+            .or_else(|| self.end_soonest_quarantine());
         match fresh {
             Some(ip) => {
                 self.exhausted = false;
@@ -632,16 +661,19 @@ impl Server {
                 if !self.exhausted {
                     self.exhausted = true;
                     self.exhaustion_warnings += 1;
-                    let q = self.quarantine.keys().filter(|ip| self.in_pool(**ip)).count();
-                    log::warn!(
-                        "DHCP pool exhausted: {} addresses, all held by connected clients{}",
-                        self.pool_size,
-                        if q > 0 { format!(" ({q} quarantined)") } else { String::new() }
-                    );
+                    log::warn!("DHCP pool exhausted: {} addresses, all held by connected clients", self.pool_size);
                 }
                 None
             }
         }
+    }
+
+    /// The last resort: the pool address whose quarantine ends soonest, released from it.
+    fn end_soonest_quarantine(&mut self) -> Option<u32> {
+        let ip = self.quarantine.iter().filter(|(ip, _)| self.in_pool(**ip)).min_by_key(|(ip, u)| (**u, **ip))?.0;
+        let ip = *ip;
+        self.quarantine.remove(&ip);
+        Some(ip)
     }
 
     /// The lowest pool address with no record and no quarantine.
@@ -1146,6 +1178,32 @@ mod tests {
         assert_eq!(dora(&mut s, 3, mac(3), T0 + 606), a);
     }
 
+    /// One connection cannot quarantine the pool address by address: only the lease
+    /// acknowledged to it counts, once per connection; an offer declined is not quarantined.
+    #[test]
+    fn declines_cannot_empty_the_pool() {
+        let decline = |m: [u8; 6], a: Ipv4Addr| with(req(Decline, m), opt::REQUESTED_IP, &a.octets());
+        let mut s = small((10, 14));
+        let v = dora(&mut s, 9, mac(9), T0);
+        s.connection_closed(9, T0);
+        for i in 0..50 {
+            let a = dora(&mut s, 1, mac(1), T0 + i);
+            assert!(s.handle(1, mac(1), true, &decline(mac(1), a), T0 + i).is_none());
+        }
+        assert_eq!(s.quarantine.len(), 1);
+        let o = s.handle(2, mac(2), true, &req(Discover, mac(2)), T0 + 60).unwrap().msg.yiaddr;
+        s.handle(2, mac(2), true, &decline(mac(2), o), T0 + 60);
+        assert_eq!(s.quarantine.len(), 1);
+        assert!(s.leases().any(|l| l.ip == v), "the disconnected client's lease is still remembered");
+        assert_eq!(s.free_count(T0 + 60), 5 - 3); // v in grace, one quarantined, one offered
+        s.check_invariants(T0 + 60);
+        // A new connection may quarantine once again.
+        s.connection_closed(1, T0 + 61);
+        let a = dora(&mut s, 3, mac(1), T0 + 61);
+        s.handle(3, mac(1), true, &decline(mac(1), a), T0 + 61);
+        assert_eq!(s.quarantine.len(), 2);
+    }
+
     #[test]
     fn release_frees() {
         let mut s = server();
@@ -1340,11 +1398,15 @@ mod tests {
         // A new episode warns again.
         assert!(s.handle(101, mac(101), true, &req(Discover, mac(101)), T0 + 21).is_none());
         assert_eq!(s.exhaustion_warnings, 2);
-        // Quarantined addresses are not free either, and say so.
+        // A quarantined address is the last resort.
         let decline = with(req(Decline, mac(0)), opt::REQUESTED_IP, &ip(10).octets());
         s.handle(0, mac(0), true, &decline, T0 + 22);
-        assert!(s.handle(101, mac(101), true, &req(Discover, mac(101)), T0 + 22).is_none());
-        assert_eq!(s.exhaustion_warnings, 2);
+        assert_eq!(s.quarantine.len(), 1);
+        assert_eq!(dora(&mut s, 101, mac(101), T0 + 22), ip(10));
+        assert!(s.quarantine.is_empty());
+        s.check_invariants(T0 + 22);
+        assert!(s.handle(102, mac(102), true, &req(Discover, mac(102)), T0 + 22).is_none());
+        assert_eq!(s.exhaustion_warnings, 3);
     }
 
     #[test]
