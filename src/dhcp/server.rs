@@ -333,6 +333,22 @@ impl Server {
         self.records.get(&ip).is_some_and(|r| r.pinned(now) && r.lease.conn != Some(conn))
     }
 
+    /// Is `ip` one no client (here with MAC `mac`) may use as its own without a lease saying so:
+    /// the server's, the router's, an on-subnet DNS server's, the subnet's network or broadcast
+    /// address, or one reserved for another MAC? Fixed by the configuration, so an answer never
+    /// goes stale.
+    pub fn off_limits(&self, ip: Ipv4Addr, mac: Option<[u8; 6]>) -> bool {
+        let net = self.cfg.subnet;
+        let edge = net.prefix <= 30 && (ip == net.network() || ip == net.broadcast());
+        let reserved = self.reserved_ips.contains(&u32::from(ip))
+            && mac.is_none_or(|m| self.reservations.get(&m) != Some(&u32::from(ip)));
+        ip == self.cfg.server_ip
+            || ip == self.cfg.router
+            || edge
+            || reserved
+            || (net.contains(ip) && self.cfg.dns.contains(&ip))
+    }
+
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
     }

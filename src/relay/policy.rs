@@ -199,9 +199,10 @@ impl Policy {
         Verdict::Drop(why)
     }
 
-    /// May connection `conn`, without a DHCP address, use `a` as its source? Not the
-    /// gateway's, nor one bound to another client — asked of the engine only when `a` or the
-    /// epoch differs from the last frame's.
+    /// May connection `conn`, without a DHCP address, use `a` as its source? Not the bridge's,
+    /// the router's, a DNS server's on the subnet, the subnet's network or broadcast address,
+    /// one reserved for another MAC, nor one bound to another client — asked of the engine only
+    /// when `a` or the epoch differs from the last frame's.
     fn may_claim_unbound(&self, conn: u64, st: &mut ConnState, a: Ipv4Addr) -> bool {
         let Some(d) = &self.dhcp else { return true };
         if a == d.server_ip {
@@ -214,7 +215,7 @@ impl Policy {
             }
         }
         let s = self.shared.lock();
-        let ok = !s.dhcp.as_ref().is_some_and(|d| d.held_by_other(a, conn, unix_now()));
+        let ok = !s.dhcp.as_ref().is_some_and(|d| d.off_limits(a, st.mac) || d.held_by_other(a, conn, unix_now()));
         st.claim = Some((a, s.dhcp.as_ref().map_or(epoch, |d| d.epoch()), ok));
         ok
     }
@@ -390,6 +391,36 @@ mod tests {
         let main = wakers.pop().unwrap();
         let server = Server::new(ServerConfig::for_tests()).unwrap();
         (Arc::new(Shared::new(Some(server), None, wakers, main)), polls)
+    }
+
+    /// Without a lease a client may not take the router's address, an on-subnet DNS server's,
+    /// the subnet's broadcast address, or one reserved for another MAC (its own it may).
+    #[test]
+    fn a_client_without_a_lease_takes_no_configured_address() {
+        let polls: Vec<mio::Poll> = (0..2).map(|_| mio::Poll::new().unwrap()).collect();
+        let mut wakers: Vec<mio::Waker> =
+            polls.iter().map(|p| mio::Waker::new(p.registry(), mio::Token(0)).unwrap()).collect();
+        let main = wakers.pop().unwrap();
+        let at = |n| Ipv4Addr::new(192, 168, 2, n);
+        let owner = [2, 0, 0, 0, 0, 7];
+        let other = |n: u8| [2, 0, 0, 0, 1, n];
+        let cfg = ServerConfig {
+            router: at(254),
+            dns: vec![at(253)],
+            reservations: vec![(owner, at(5))],
+            ..ServerConfig::for_tests()
+        };
+        let sh = Arc::new(Shared::new(Some(Server::new(cfg).unwrap()), None, wakers, main));
+        let mut p = policy(&sh, 0);
+        let spoofed = Verdict::Drop(drop_reason::SRC_IP_SPOOFED);
+        for (conn, a) in [(1, at(254)), (2, at(253)), (3, at(255)), (4, at(5)), (5, at(1))] {
+            p.opened(conn, "203.0.113.1".parse().unwrap());
+            assert_eq!(p.inspect(conn, &mut ConnState::default(), &udp_from(other(conn as u8), a)), spoofed, "{a}");
+        }
+        p.opened(6, "203.0.113.1".parse().unwrap());
+        assert_eq!(p.inspect(6, &mut ConnState::default(), &udp_from(owner, at(5))), Verdict::Forward);
+        p.opened(7, "203.0.113.1".parse().unwrap());
+        assert_eq!(p.inspect(7, &mut ConnState::default(), &udp_from(other(7), at(50))), Verdict::Forward);
     }
 
     fn policy(shared: &Arc<Shared>, worker: usize) -> Policy {
