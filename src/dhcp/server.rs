@@ -298,8 +298,8 @@ impl Server {
         self.records.values().filter(|r| r.bound).map(|r| &r.lease)
     }
 
-    /// Moves whenever a bound lease is made, renewed, moved to another connection, let go by
-    /// its connection or removed: the only changes that can alter what [`Server::bound_ip`] and
+    /// Moves whenever a bound lease is made, renewed after it ran out, moved to another
+    /// connection, let go by its connection or removed: the only changes that can alter what [`Server::bound_ip`] and
     /// [`Server::held_by_other`] answer for a given time. Callers that cache their answers
     /// (one per connection, on every frame) ask again when it moves; offers, NAKs, INFORMs
     /// and ignored messages leave it alone. A live connection's lease that runs out moves it
@@ -587,12 +587,17 @@ impl Server {
 
     fn ack(&mut self, ip: u32, c: &Client, msg: &Message, now: u64) -> Option<Reply> {
         let expires = now + u64::from(self.cfg.lease_time);
+        // A renewal on the same connection of a lease still running changes no answer (a move
+        // to another connection moves the epoch in `claim`).
+        let renewal = self.records.get(&ip).is_some_and(|r| r.bound && r.lease.expires >= now);
         let r = self.claim(ip, c, msg);
         r.bound = true;
         r.offer_until = 0;
         r.lease.expires = expires;
         self.dirty = true;
-        self.epoch += 1;
+        if !renewal {
+            self.epoch += 1;
+        }
         self.next_lease_end = self.next_lease_end.min(expires);
         Some(self.lease_reply(MessageType::Ack, msg, ip))
     }
@@ -1079,6 +1084,24 @@ mod tests {
 
     /// A live connection's lease that runs out moves the epoch at the next `expire`, also one
     /// taken back from its grace by a reconnect after the earliest lease end was computed.
+    /// Renewing a running lease on its connection changes no answer: the epoch stays (else N
+    /// clients renewing in a loop would send every frame of every client to the shared lock).
+    /// Renewing one that ran out, or from another connection, moves it.
+    #[test]
+    fn only_a_renewal_that_changes_an_answer_moves_the_epoch() {
+        let mut s = server();
+        let a = dora(&mut s, 1, mac(1), T0);
+        let e = s.epoch();
+        assert_eq!(ty(&s.handle(1, mac(1), false, &renew(mac(1), a), T0 + 10)), Some(Ack));
+        assert_eq!(s.epoch(), e);
+        assert_eq!(s.bound_ip(1, T0 + 3605), Some(a), "renewed");
+        assert_eq!(ty(&s.handle(1, mac(1), false, &renew(mac(1), a), T0 + 10_000)), Some(Ack));
+        assert_ne!(s.epoch(), e, "it had run out");
+        let e = s.epoch();
+        assert_eq!(ty(&s.handle(2, mac(1), false, &renew(mac(1), a), T0 + 10_001)), Some(Ack));
+        assert_ne!(s.epoch(), e, "another connection");
+    }
+
     #[test]
     fn a_lease_running_out_moves_the_epoch() {
         let mut s = server();
