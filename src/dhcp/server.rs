@@ -41,6 +41,10 @@ pub type ConnId = u64;
 const MAX_CLIENT_ID: usize = 255;
 /// Host names are stored up to this many bytes.
 const MAX_HOST_NAME: usize = 255;
+/// Records (leases and offers) kept before a new client is given a remembered address rather
+/// than a never-used one: in a large subnet, connections cycling with new keys would otherwise
+/// leave a lease each, in memory and in the lease file, up to the size of the pool.
+const MAX_RECORDS: usize = 4096;
 
 /// The server's settings. See [`Server::new`] for what is checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -175,8 +179,10 @@ pub struct Server {
     pool_size: usize,
     reservations: HashMap<[u8; 6], u32>,
     reserved_ips: HashSet<u32>,
-    /// Every record by address; at most one per address.
+    /// Every record by address; at most one per address. More than `max_records` only while
+    /// that many are pinned (live connections, so a few thousand at most).
     records: BTreeMap<u32, Record>,
+    max_records: usize,
     by_key: HashMap<Vec<u8>, u32>,
     by_conn: HashMap<ConnId, u32>,
     /// Address → end of its quarantine.
@@ -248,6 +254,7 @@ impl Server {
             reservations,
             reserved_ips,
             records: BTreeMap::new(),
+            max_records: MAX_RECORDS,
             by_key: HashMap::new(),
             by_conn: HashMap::new(),
             quarantine: BTreeMap::new(),
@@ -357,8 +364,14 @@ impl Server {
     /// unexpired ones enter the grace period from `now`, expired ones are remembered (free, but
     /// their client gets them back if nobody took them). Leases whose address is no longer
     /// allowed (configuration changed) or is claimed twice are dropped with a warning.
-    pub fn load(&mut self, leases: Vec<Lease>, now: u64) {
+    pub fn load(&mut self, mut leases: Vec<Lease>, now: u64) {
         self.epoch += 1;
+        if leases.len() > self.max_records {
+            log::warn!("DHCP lease file: {} leases, keeping the {} that end last", leases.len(), self.max_records);
+            leases.sort_by_key(|l| std::cmp::Reverse(l.expires));
+            leases.truncate(self.max_records);
+            self.dirty = true;
+        }
         for mut lease in leases {
             let ip = u32::from(lease.ip);
             if !lease.client_key.is_empty() {
@@ -666,12 +679,16 @@ impl Server {
                 return Some(ip);
             }
         }
+        // With `max_records` records, an address is reused rather than a record added.
+        let roomy = self.records.len() < self.max_records;
+        let fits = |s: &Self, ip: u32| s.available(ip, now) && (roomy || s.records.contains_key(&ip));
         let fresh = requested
             .map(u32::from)
-            .filter(|ip| self.available(*ip, now))
-            .or(prev.filter(|ip| self.available(*ip, now)))
-            .or_else(|| self.lowest_unused())
+            .filter(|ip| fits(self, *ip))
+            .or(prev.filter(|ip| fits(self, *ip)))
+            .or_else(|| roomy.then(|| self.lowest_unused()).flatten())
             .or_else(|| self.oldest_reclaimable(now))
+            .or_else(|| self.lowest_unused())
             .or_else(|| self.end_soonest_quarantine());
         match fresh {
             Some(ip) => {
@@ -1241,6 +1258,32 @@ mod tests {
         let a = dora(&mut s, 3, mac(1), T0 + 61);
         s.handle(3, mac(1), true, &decline(mac(1), a), T0 + 61);
         assert_eq!(s.quarantine.len(), 2);
+    }
+
+    /// Connections cycling with new keys leave at most `max_records` records behind (in memory
+    /// and in the lease file), however large the pool; live connections still get addresses
+    /// beyond it; a lease file over it keeps the leases that end last.
+    #[test]
+    fn remembered_leases_are_bounded() {
+        let mut s = server();
+        s.max_records = 8;
+        for conn in 0..100u64 {
+            dora(&mut s, conn, mac(conn as u32), T0 + conn);
+            s.connection_closed(conn, T0 + conn);
+            assert!(s.records.len() <= 8, "{} records after {conn}", s.records.len());
+        }
+        s.check_invariants(T0 + 100);
+        for conn in 200..212u64 {
+            dora(&mut s, conn, mac(conn as u32), T0 + 200);
+        }
+        assert_eq!(s.records.len(), 12, "twelve live connections, twelve leases");
+        s.check_invariants(T0 + 200);
+        let leases: Vec<Lease> = s.leases().cloned().collect();
+        let mut t = server();
+        t.max_records = 8;
+        t.load(leases, T0 + 300);
+        assert_eq!(t.records.len(), 8);
+        t.check_invariants(T0 + 300);
     }
 
     #[test]
