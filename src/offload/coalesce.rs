@@ -25,16 +25,17 @@
 //! GSO_TCPV4/GSO_TCPV6 with NEEDS_CSUM (`csum_start` at the TCP header, `csum_offset` 16), the
 //! first segment's payload length as `gso_size`, the IP length (and IPv4 header checksum)
 //! covering the whole, the TCP checksum field holding the folded pseudo-header sum (what Linux
-//! expects of CHECKSUM_PARTIAL), PSH and the window of the last segment.
+//! expects of CHECKSUM_PARTIAL), and PSH of the last segment.
 //!
 //! A candidate is IPv4 (IHL 5, not a fragment, valid header checksum) or IPv6 (next header
 //! TCP), exactly as long as its IP length says (no Ethernet padding), TCP with flags ACK or
 //! ACK|PSH, payload, and a valid TCP checksum: the client is untrusted, and a corrupt segment
 //! must reach the peer corrupt rather than "repaired" by the checksum we would compute for it.
-//! It continues a batch when everything but the sequence number, IPv4 identification, window,
-//! PSH and checksums is identical to the staged first segment (Ethernet header, addresses,
-//! TOS/traffic class and flow label, TTL/hop limit, DF, ports, ack, data offset, urgent
-//! pointer, option bytes), the sequence number and IPv4 identification follow on, and its
+//! It is at most [`MAX_FRAME`] bytes long. It continues a batch when everything but the
+//! sequence number, IPv4 identification, PSH and checksums is identical to the staged first
+//! segment (Ethernet header, addresses, TOS/traffic class and flow label, TTL/hop limit, DF,
+//! ports, ack, data offset, window, urgent pointer, option bytes), the sequence number and IPv4
+//! identification follow on, and its
 //! payload is at most `gso_size`; a PSH or shorter segment ends the batch, as do
 //! `MAX_SEGMENTS` segments or an IP length that would pass 65535.
 
@@ -44,6 +45,11 @@ use crate::wire::checksum;
 
 /// Most segments in one batch.
 pub const MAX_SEGMENTS: usize = 64;
+/// Longest frame merged: the TAP's MTU (1500, which wsnic never changes) and the Ethernet
+/// header. A longer one goes alone: the bridge drops a frame over a port's MTU, but forwards a
+/// super-frame without checking its segments, which another TAP would then cut to `gso_size`
+/// (and a physical port, on an adopted bridge, would be handed as is).
+pub const MAX_FRAME: usize = ETH_LEN + 1500;
 /// The staging buffer's size: a vnet header and the largest super-frame.
 pub const STAGE_LEN: usize = VnetHdr::LEN + ETH_LEN + headers::MAX_IP_LEN;
 
@@ -62,6 +68,9 @@ pub struct Candidate {
 impl Candidate {
     /// `frame` if it is a segment that may be coalesced (see the module comment).
     pub fn parse(frame: &[u8]) -> Option<Candidate> {
+        if frame.len() > MAX_FRAME {
+            return None;
+        }
         let ip = headers::ip(frame).ok()?;
         if ip.end != frame.len() || ip.proto != PROTO_TCP {
             return None;
@@ -169,8 +178,6 @@ impl Coalescer {
         let (at, plen) = (VnetHdr::LEN + self.len, seg.payload_len());
         stage[at..at + plen].copy_from_slice(&frame[seg.hdr_len..]);
         let l4 = VnetHdr::LEN + seg.l4();
-        stage[l4 + headers::TCP_WINDOW..l4 + headers::TCP_WINDOW + 2]
-            .copy_from_slice(&frame[seg.l4() + headers::TCP_WINDOW..seg.l4() + headers::TCP_WINDOW + 2]);
         self.len += plen;
         self.count += 1;
         self.next_seq = self.next_seq.wrapping_add(plen as u32);
@@ -223,8 +230,15 @@ impl Coalescer {
                 && same(ETH_LEN + 12, ETH_LEN + 20)
         };
         let l4 = seg.l4();
-        // ports; ack, data offset and reserved bits; urgent pointer and options
-        same(0, ETH_LEN) && ip_same && same(l4, l4 + 4) && same(l4 + 8, l4 + 13) && same(l4 + 18, self.hdr_len)
+        // ports; ack, data offset and reserved bits; window (as Linux GRO: the segments then come
+        // back from the kernel as they were sent); urgent pointer and options
+        let w = l4 + headers::TCP_WINDOW;
+        same(0, ETH_LEN)
+            && ip_same
+            && same(l4, l4 + 4)
+            && same(l4 + 8, l4 + 13)
+            && same(w, w + 2)
+            && same(l4 + 18, self.hdr_len)
     }
 
     /// Close the batch: write the vnet header, fix the headers of a super-frame, and return `n`
@@ -359,33 +373,6 @@ mod tests {
         (got.len() != want.len()).then(|| format!("{} frames, want {}", got.len(), want.len()))
     }
 
-    /// `frames` as segmentation gives them back from `writes`: the segments of a GSO write carry
-    /// the window of the batch's last segment (and the TCP checksum that goes with it).
-    fn with_batch_windows(frames: &[Vec<u8>], writes: &[Vec<u8>]) -> Vec<Vec<u8>> {
-        let mut want = frames.to_vec();
-        let mut i = 0;
-        for w in writes {
-            let hdr = VnetHdr::parse(w).unwrap();
-            let k = segment::plan(&hdr, &w[VnetHdr::LEN..]).map_or(1, |p| p.count());
-            if hdr.is_gso() {
-                let l4 = usize::from(hdr.csum_start);
-                let window = frames[i + k - 1][l4 + 14..l4 + 16].to_vec();
-                for f in &mut want[i..i + k] {
-                    if f[l4 + 14..l4 + 16] != window[..] {
-                        f[l4 + 14..l4 + 16].copy_from_slice(&window);
-                        f[l4 + 16..l4 + 18].fill(0);
-                        let (v6, len) = (l4 == 54, f.len() - l4);
-                        let addrs = if v6 { &f[22..54] } else { &f[26..34] };
-                        let sum = testkit::ref_sum(addrs) + 6 + len as u64 + testkit::ref_sum(&f[l4..]);
-                        f[l4 + 16..l4 + 18].copy_from_slice(&(!ref_fold(sum)).to_be_bytes());
-                    }
-                }
-            }
-            i += k;
-        }
-        want
-    }
-
     fn seg(flow: &Flow, seq: u32, flags: u8, id: u16, data: &[u8]) -> Vec<u8> {
         flow.frame(L4::Tcp { seq, flags }, id, data, Csum::Full)
     }
@@ -410,9 +397,10 @@ mod tests {
     fn segments_become_one_gso_frame() {
         for v6 in [false, true] {
             let flow = fixed_flow(v6);
-            let mut frames = train(&flow, 3, 1448);
-            let last = Flow { window: 999, ..flow.clone() };
-            frames.push(seg(&last, 1000 + 3 * 1448, ACK | PSH, 10, &payload(500, 3)));
+            // The MSS of an MTU of 1500 with timestamps: 1448 (IPv4), 1428 (IPv6).
+            let mss = MAX_FRAME - (14 + flow.ip_hdr_len() + 32);
+            let mut frames = train(&flow, 3, mss);
+            frames.push(seg(&flow, 1000 + 3 * mss as u32, ACK | PSH, 10, &payload(500, 3)));
             let writes = run(&frames, STAGE_LEN);
             assert_eq!(writes.len(), 1);
             let w = &writes[0];
@@ -425,33 +413,21 @@ mod tests {
                     flags: F_NEEDS_CSUM,
                     gso_type: if v6 { GSO_TCPV6 } else { GSO_TCPV4 },
                     hdr_len: hdr_len as u16,
-                    gso_size: 1448,
+                    gso_size: mss as u16,
                     csum_start: l4 as u16,
                     csum_offset: 16,
                 }
             );
             let sup = &w[VnetHdr::LEN..];
-            assert_eq!(sup.len(), hdr_len + 3 * 1448 + 500);
-            // The super-frame as the kernel would have made it: first segment's headers, PSH and
-            // window of the last, whole length, pseudo-header sum in the checksum field.
+            assert_eq!(sup.len(), hdr_len + 3 * mss + 500);
+            // The super-frame as the kernel would have made it: first segment's headers, PSH of
+            // the last, whole length, pseudo-header sum in the checksum field.
             let data: Vec<u8> = frames.iter().flat_map(|f| f[hdr_len..].to_vec()).collect();
-            let want = Flow { window: 999, ..flow.clone() }.frame(
-                L4::Tcp { seq: 1000, flags: ACK | PSH },
-                7,
-                &data,
-                Csum::Partial,
-            );
+            let want = flow.frame(L4::Tcp { seq: 1000, flags: ACK | PSH }, 7, &data, Csum::Partial);
             assert_eq!(sup, &want[..]);
             let l4_len = sup.len() - l4;
             assert_eq!(be16(sup, l4 + 16), ref_fold(flow.pseudo_sum(6, l4_len)));
-            assert_eq!(unsegment(&writes), {
-                // Segmented again, every segment carries the last window.
-                let mut f = frames.clone();
-                for x in &mut f[..3] {
-                    *x = seg(&last, read(x).seq, ACK, read(x).id, &x[hdr_len..]);
-                }
-                f
-            });
+            assert_eq!(unsegment(&writes), frames);
         }
     }
 
@@ -555,6 +531,7 @@ mod tests {
                     next(&Flow { tcp_opts: vec![1, 1, 8, 10, 0, 0, 0, 2, 0, 0, 0, 2], ..flow.clone() }, 1000, 8, 1000),
                 ),
                 ("option length", next(&Flow { tcp_opts: vec![], ..flow.clone() }, 1000, 8, 1000)),
+                ("window", next(&Flow { window: 1, ..flow.clone() }, 1000, 8, 1000)),
                 ("seq gap", next(&flow, 1001, 8, 1000)),
                 ("seq repeat", next(&flow, 0, 8, 1000)),
                 ("longer", next(&flow, 1000, 8, 1001)),
@@ -578,9 +555,8 @@ mod tests {
                 assert_eq!(c.segments(), 1);
                 assert_eq!(run(&[first.clone(), f.clone()], STAGE_LEN).len(), 2, "{why}");
             }
-            // Allowed to differ: the window (the last one's is kept); PSH or a shorter payload, which close.
+            // Allowed to differ: PSH or a shorter payload, which close.
             for (f, want) in [
-                (next(&Flow { window: 1, ..flow.clone() }, 1000, 8, 1000), Push::Staged),
                 (seg(&flow, 2000, ACK | PSH, 8, &payload(1000, 2)), Push::Full),
                 (next(&flow, 1000, 8, 999), Push::Full),
             ] {
@@ -618,12 +594,12 @@ mod tests {
         assert_eq!(VnetHdr::parse(&writes[0]).unwrap().gso_type, GSO_TCPV4);
         assert_eq!(writes[0].len(), VnetHdr::LEN + 66 + MAX_SEGMENTS * 100);
         assert_eq!(unsegment(&writes), frames);
-        // At most 65535 bytes of IP packet: 52 + 44 * 1460 fits, a 45th segment does not.
-        let frames = train(&flow, 46, 1460);
+        // At most 65535 bytes of IP packet: 52 + 45 * 1448 fits, a 46th segment does not.
+        let frames = train(&flow, 47, 1448);
         let writes = run(&frames, STAGE_LEN);
         assert_eq!(
             writes.iter().map(|w| w.len()).collect::<Vec<_>>(),
-            [VnetHdr::LEN + 66 + 44 * 1460, VnetHdr::LEN + 66 + 2 * 1460]
+            [VnetHdr::LEN + 66 + 45 * 1448, VnetHdr::LEN + 66 + 2 * 1448]
         );
         assert_eq!(unsegment(&writes), frames);
         // A batch that reaches exactly 65535 bytes is full: 65535 - 52 = 63 * 1039 + 26.
@@ -643,6 +619,25 @@ mod tests {
         assert!(writes.iter().all(|w| w.len() <= small));
         assert_eq!(unsegment(&writes), frames);
         assert_eq!(run(&frames[..1], 1000), vec![[&ZERO[..], &frames[0]].concat()]);
+    }
+
+    /// A frame longer than the TAP's MTU allows is never merged: alone, the bridge drops it
+    /// before another port; in a super-frame it would pass, cut to its length.
+    #[test]
+    fn frames_over_the_mtu_go_alone() {
+        for v6 in [false, true] {
+            let flow = fixed_flow(v6);
+            let fits = MAX_FRAME - (ETH_LEN + flow.ip_hdr_len() + 20 + flow.tcp_opts.len());
+            let frames = train(&flow, 3, fits);
+            assert_eq!(frames[0].len(), MAX_FRAME);
+            assert_eq!(run(&frames, STAGE_LEN).len(), 1, "v6 {v6}: up to the MTU they merge");
+            let frames = train(&flow, 3, fits + 1);
+            assert!(Candidate::parse(&frames[0]).is_none());
+            let writes = run(&frames, STAGE_LEN);
+            assert_eq!(writes, frames.iter().map(|f| [&ZERO[..], f].concat()).collect::<Vec<_>>(), "v6 {v6}");
+            let jumbo = train(&flow, 2, 8960);
+            assert_eq!(run(&jumbo, STAGE_LEN).len(), 2);
+        }
     }
 
     /// A run of segments of one flow with events that break batches, and other frames amid it.
@@ -698,14 +693,13 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
 
-        /// Coalesced and segmented again, any stream comes back byte for byte (but that a batch's
-        /// segments all carry its last window), and every write is one the kernel accepts
-        /// (checked in `unsegment`).
+        /// Coalesced and segmented again, any stream comes back byte for byte, and every write is
+        /// one the kernel accepts (checked in `unsegment`).
         #[test]
         fn coalesce_then_segment_is_identity(frames in stream()) {
             let writes = run(&frames, STAGE_LEN);
             prop_assert!(writes.len() <= frames.len());
-            prop_assert_eq!(diff(&unsegment(&writes), &with_batch_windows(&frames, &writes)), None);
+            prop_assert_eq!(diff(&unsegment(&writes), &frames), None);
         }
 
         /// An unbroken train of k segments of one flow becomes ceil(k / 64) writes.
@@ -713,7 +707,10 @@ mod tests {
         fn trains_coalesce(flow in any::<bool>().prop_flat_map(testkit::plain_flow), k in 1usize..200, mss in 1usize..1460) {
             let frames = train(&flow, k, mss);
             let writes = run(&frames, STAGE_LEN);
-            let per_batch = MAX_SEGMENTS.min((65535 - (flow.ip_hdr_len() + 20 + flow.tcp_opts.len())) / mss);
+            let per_batch = match frames[0].len() > MAX_FRAME {
+                true => 1,
+                false => MAX_SEGMENTS.min((65535 - (flow.ip_hdr_len() + 20 + flow.tcp_opts.len())) / mss),
+            };
             prop_assert_eq!(writes.len(), k.div_ceil(per_batch));
             prop_assert_eq!(diff(&unsegment(&writes), &frames), None);
         }
@@ -742,7 +739,7 @@ mod tests {
                     back.push(w[VnetHdr::LEN..].to_vec());
                 }
             }
-            prop_assert_eq!(diff(&back, &with_batch_windows(&frames, &writes)), None);
+            prop_assert_eq!(diff(&back, &frames), None);
         }
     }
 }
