@@ -356,6 +356,29 @@ impl Server {
             || (net.contains(ip) && self.cfg.dns.contains(&ip))
     }
 
+    /// Connection `conn`, which holds nothing, uses `ip` as its source, from `mac`: if `ip` is
+    /// a bound, unexpired lease of that MAC that no live connection holds, the connection takes
+    /// it up, as a DHCP exchange would. A browser VM that reconnects, or whose relay restarted
+    /// (the lease file), sends no new exchange: its guest keeps using its address, which would
+    /// otherwise be free for others once the grace period is over. Returns whether it did.
+    pub fn adopt(&mut self, conn: ConnId, mac: [u8; 6], ip: Ipv4Addr, now: u64) -> bool {
+        if self.by_conn.contains_key(&conn) {
+            return false;
+        }
+        let at = u32::from(ip);
+        let Some(r) = self.records.get_mut(&at) else { return false };
+        if !r.bound || r.lease.conn.is_some() || r.lease.expires < now || r.lease.mac != mac {
+            return false;
+        }
+        r.lease.conn = Some(conn);
+        r.grace_until = 0;
+        r.offer_until = 0;
+        self.by_conn.insert(conn, at);
+        self.epoch += 1;
+        self.next_lease_end = self.next_lease_end.min(r.lease.expires);
+        true
+    }
+
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
     }
@@ -1579,6 +1602,37 @@ mod tests {
         assert_eq!(dora_id(&mut s, 3, mac(1), T0 + 11), a);
     }
 
+    /// A lease taken up by a connection's frames (no DHCP) is pinned again: not given to
+    /// another client when the grace period is over, also after a restart. Only the MAC it was
+    /// given to may take it up, only while it runs, and only a connection holding nothing.
+    #[test]
+    fn adopt_takes_a_lease_up_again() {
+        let mut s = server();
+        let v = dora(&mut s, 1, mac(1), T0);
+        s.connection_closed(1, T0 + 1);
+        assert!(!s.adopt(2, mac(2), v, T0 + 2), "another MAC");
+        let o = s.handle(3, mac(3), true, &req(Discover, mac(3)), T0 + 2).unwrap().msg.yiaddr;
+        assert!(!s.adopt(3, mac(1), v, T0 + 2), "a connection with an offer");
+        let e = s.epoch();
+        assert!(s.adopt(4, mac(1), v, T0 + 2));
+        assert_ne!(s.epoch(), e);
+        assert_eq!(s.bound_ip(4, T0 + 2), Some(v));
+        assert!(s.held_by_other(v, 5, T0 + 2));
+        let d = with(req(Discover, mac(5)), opt::REQUESTED_IP, &v.octets());
+        assert_ne!(s.handle(5, mac(5), true, &d, T0 + 400).unwrap().msg.yiaddr, v);
+        assert_eq!(ty(&s.handle(4, mac(1), false, &renew(mac(1), v), T0 + 401)), Some(Ack));
+        s.check_invariants(T0 + 401);
+        assert_ne!(o, v);
+        // After a restart: the lease file's lease, with no connection.
+        let leases: Vec<Lease> = s.leases().cloned().collect();
+        let mut t = server();
+        t.load(leases, T0 + 500);
+        assert!(!t.adopt(6, mac(1), v, T0 + 500 + 3600 + 402), "run out");
+        assert!(t.adopt(6, mac(1), v, T0 + 501));
+        assert_eq!(t.bound_ip(6, T0 + 501), Some(v));
+        t.check_invariants(T0 + 501);
+    }
+
     #[test]
     fn same_key_on_another_live_connection_takes_the_lease() {
         let mut s = server();
@@ -1723,15 +1777,55 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Discover { slot: u8, key: u8, want: Option<Addr> },
-        Select { slot: u8, key: u8, ip: Addr, ours: bool },
-        InitReboot { slot: u8, key: u8, ip: Addr },
-        Renew { slot: u8, key: u8, ip: Addr, broadcast: bool },
-        Decline { slot: u8, key: u8, ip: Addr },
-        Release { slot: u8, key: u8, ip: Addr },
-        Inform { slot: u8, key: u8, ip: Addr },
-        Close { slot: u8 },
-        Wait { secs: u8 },
+        Discover {
+            slot: u8,
+            key: u8,
+            want: Option<Addr>,
+        },
+        Select {
+            slot: u8,
+            key: u8,
+            ip: Addr,
+            ours: bool,
+        },
+        InitReboot {
+            slot: u8,
+            key: u8,
+            ip: Addr,
+        },
+        Renew {
+            slot: u8,
+            key: u8,
+            ip: Addr,
+            broadcast: bool,
+        },
+        Decline {
+            slot: u8,
+            key: u8,
+            ip: Addr,
+        },
+        Release {
+            slot: u8,
+            key: u8,
+            ip: Addr,
+        },
+        Inform {
+            slot: u8,
+            key: u8,
+            ip: Addr,
+        },
+        Close {
+            slot: u8,
+        },
+        Wait {
+            secs: u8,
+        },
+        /// Frames from `ip` with the key's MAC and no DHCP (a reconnect).
+        Adopt {
+            slot: u8,
+            key: u8,
+            ip: Addr,
+        },
     }
 
     fn arb_op() -> impl Strategy<Value = Op> {
@@ -1746,9 +1840,10 @@ mod tests {
             2 => (who.clone(), ip.clone(), any::<bool>()).prop_map(|((slot, key), ip, broadcast)| Op::Renew { slot, key, ip, broadcast }),
             1 => (who.clone(), ip.clone()).prop_map(|((slot, key), ip)| Op::Decline { slot, key, ip }),
             1 => (who.clone(), ip.clone()).prop_map(|((slot, key), ip)| Op::Release { slot, key, ip }),
-            1 => (who, ip).prop_map(|((slot, key), ip)| Op::Inform { slot, key, ip }),
+            1 => (who.clone(), ip.clone()).prop_map(|((slot, key), ip)| Op::Inform { slot, key, ip }),
             1 => (0u8..8).prop_map(|slot| Op::Close { slot }),
             1 => (0u8..30).prop_map(|secs| Op::Wait { secs }),
+            3 => (who.clone(), ip.clone()).prop_map(|((slot, key), ip)| Op::Adopt { slot, key, ip }),
         ]
     }
 
@@ -1764,6 +1859,7 @@ mod tests {
     struct Seen {
         acks: usize,
         naks: usize,
+        adopts: usize,
         dry: usize,
         reclaims: usize,
     }
@@ -1821,6 +1917,24 @@ mod tests {
                 Op::Wait { secs } => {
                     now += u64::from(secs);
                     s.expire(now);
+                    s.check_invariants(now);
+                    check(&s, now);
+                    continue;
+                }
+                Op::Adopt { slot, key, ip } => {
+                    let conn = u64::from(slot) * 1_000_000 + gens[slot as usize];
+                    let a = addr(key, ip);
+                    if s.adopt(conn, mac(key.into()), a, now) {
+                        seen.adopts += 1;
+                        // Its lease again (it may have forgotten it with a DISCOVER since).
+                        let expires = lease_of(&s, a).expires;
+                        if let Some(b) = beliefs.get(&a) {
+                            let live = !dead.contains(&b.conn) && b.expires >= now;
+                            assert!(!live || b.key == key, "{a} adopted by key {key} while key {} holds it", b.key);
+                        }
+                        beliefs.retain(|_, b| b.key != key);
+                        beliefs.insert(a, Belief { key, conn, expires });
+                    }
                     s.check_invariants(now);
                     check(&s, now);
                     continue;
@@ -1921,7 +2035,10 @@ mod tests {
         for _ in 0..100 {
             run(strategy.new_tree(&mut runner).unwrap().current(), &mut seen);
         }
-        assert!(seen.acks > 500 && seen.naks > 100 && seen.dry > 20 && seen.reclaims > 10, "{seen:?}");
+        assert!(
+            seen.acks > 500 && seen.naks > 100 && seen.dry > 20 && seen.reclaims > 10 && seen.adopts > 5,
+            "{seen:?}"
+        );
     }
 
     proptest! {

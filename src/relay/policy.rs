@@ -199,7 +199,8 @@ impl Policy {
         Verdict::Drop(why)
     }
 
-    /// May connection `conn`, without a DHCP address, use `a` as its source? Not the bridge's,
+    /// May connection `conn`, without a DHCP address, use `a` as its source? Its own lease from
+    /// an earlier connection it takes up ([`Server::adopt`]). Otherwise not the bridge's,
     /// the router's, a DNS server's on the subnet, the subnet's network or broadcast address,
     /// one reserved for another MAC, nor one bound to another client — asked of the engine only
     /// when `a` or the epoch differs from the last frame's.
@@ -214,8 +215,19 @@ impl Policy {
                 return ok;
             }
         }
-        let s = self.shared.lock();
-        let ok = !s.dhcp.as_ref().is_some_and(|d| d.off_limits(a, st.mac) || d.held_by_other(a, conn, unix_now()));
+        let mut s = self.shared.lock();
+        let now = unix_now();
+        if let (Some(d), Some(mac)) = (s.dhcp.as_mut(), st.mac) {
+            // Its own lease, which no live connection holds: a reconnect, or a relay restart,
+            // without a new DHCP exchange. This connection takes it up.
+            if d.adopt(conn, mac, a, now) {
+                st.ip = Some(a);
+                st.epoch = Some(d.epoch());
+                st.claim = None;
+                return true;
+            }
+        }
+        let ok = !s.dhcp.as_ref().is_some_and(|d| d.off_limits(a, st.mac) || d.held_by_other(a, conn, now));
         st.claim = Some((a, s.dhcp.as_ref().map_or(epoch, |d| d.epoch()), ok));
         ok
     }
@@ -421,6 +433,35 @@ mod tests {
         assert_eq!(p.inspect(6, &mut ConnState::default(), &udp_from(owner, at(5))), Verdict::Forward);
         p.opened(7, "203.0.113.1".parse().unwrap());
         assert_eq!(p.inspect(7, &mut ConnState::default(), &udp_from(other(7), at(50))), Verdict::Forward);
+    }
+
+    /// A guest whose connection came back (or whose relay restarted) goes on with its address
+    /// without a new DHCP exchange: its first frame takes the lease up again, and no one else
+    /// may use it.
+    #[test]
+    fn a_reconnect_without_dhcp_takes_its_lease_up() {
+        let (sh, _poll) = shared(1);
+        let mut p = policy(&sh, 0);
+        let m = [2, 0, 0, 0, 0, 21];
+        p.opened(1, "203.0.113.1".parse().unwrap());
+        let mut st = ConnState::default();
+        let v = yiaddr(p.inspect(1, &mut st, &dhcp_from(m, 1, None)));
+        assert_eq!(yiaddr(p.inspect(1, &mut st, &dhcp_from(m, 3, Some(v)))), v);
+        sh.lock().dhcp.as_mut().unwrap().connection_closed(1, unix_now());
+        p.opened(2, "203.0.113.1".parse().unwrap());
+        let mut st2 = ConnState::default();
+        assert_eq!(p.inspect(2, &mut st2, &udp_from(m, v)), Verdict::Forward);
+        assert_eq!(sh.lock().dhcp.as_ref().unwrap().bound_ip(2, unix_now()), Some(v));
+        // Another client may not use it, nor get it.
+        p.opened(3, "203.0.113.3".parse().unwrap());
+        let m3 = [2, 0, 0, 0, 0, 22];
+        let mut st3 = ConnState::default();
+        assert_ne!(yiaddr(p.inspect(3, &mut st3, &dhcp_from(m3, 1, Some(v)))), v);
+        assert_eq!(
+            p.inspect(3, &mut ConnState::default(), &udp_from(m3, v)),
+            Verdict::Drop(drop_reason::SRC_IP_SPOOFED)
+        );
+        assert_eq!(p.inspect(2, &mut st2, &udp_from(m, v)), Verdict::Forward);
     }
 
     fn policy(shared: &Arc<Shared>, worker: usize) -> Policy {
