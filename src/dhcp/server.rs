@@ -560,13 +560,13 @@ impl Server {
         match own {
             Some(ip) if u32::from(want) == ip && self.may_keep(ip, c) => self.ack(ip, c, msg, now),
             Some(_) => Some(self.nak(msg, "that address is not yours")),
-            // No record of this client (RFC 2131 §4.3.2: remain silent) — unless another client
-            // holds the address: wsnic is the only server on its bridge, so a NAK is safe, and
-            // silence would let a client whose address was reclaimed keep using it.
-            None if self.records.get(&u32::from(want)).is_some_and(|r| r.pinned(now)) => {
-                Some(self.nak(msg, "that address belongs to another client"))
-            }
-            None => None,
+            // No record of this client. RFC 2131 §4.3.2 has a server that may not be the only one
+            // stay silent; wsnic is the only server its clients can reach (their DHCP never
+            // reaches the bridge), so it answers with authority: silence would let a client
+            // keep using an address it no longer holds (one reclaimed, reserved, quarantined, or
+            // another's) until its lease runs out. After the NAK it DISCOVERs, usually asking
+            // for the same address, which it gets if it is free.
+            None => Some(self.nak(msg, "no lease of this client")),
         }
     }
 
@@ -1204,8 +1204,9 @@ mod tests {
         // Another address of the subnet: NAK. Outside the subnet: NAK.
         assert_eq!(ty(&s.handle(1, mac(1), true, &init_reboot(mac(1), ip(50)), T0)), Some(Nak));
         assert_eq!(ty(&s.handle(1, mac(1), true, &init_reboot(mac(1), Ipv4Addr::new(10, 1, 1, 1)), T0)), Some(Nak));
-        // A client we do not know: silence, unless its address is not even on this network.
-        assert!(s.handle(2, mac(2), true, &init_reboot(mac(2), ip(60)), T0).is_none());
+        // A client we do not know: NAK (wsnic is the only server its clients reach).
+        assert_eq!(ty(&s.handle(2, mac(2), true, &init_reboot(mac(2), ip(60)), T0)), Some(Nak));
+        assert_eq!(ty(&s.handle(2, mac(2), true, &init_reboot(mac(2), SERVER), T0)), Some(Nak));
         assert_eq!(ty(&s.handle(2, mac(2), true, &init_reboot(mac(2), Ipv4Addr::new(10, 1, 1, 1)), T0)), Some(Nak));
         // The NAKs changed nothing.
         assert_eq!(lease_of(&s, a).conn, Some(1));
@@ -1223,9 +1224,9 @@ mod tests {
             assert_eq!(lease_of(&s, a).expires, t + 3600);
             assert!(s.take_dirty());
         }
-        // ciaddr is not its address: NAK. Unknown client: silence.
+        // ciaddr is not its address, or an unknown client: NAK.
         assert_eq!(ty(&s.handle(1, mac(1), false, &renew(mac(1), ip(40)), T0)), Some(Nak));
-        assert!(s.handle(2, mac(2), false, &renew(mac(2), ip(40)), T0).is_none());
+        assert_eq!(ty(&s.handle(2, mac(2), false, &renew(mac(2), ip(40)), T0)), Some(Nak));
         // An expired lease nobody took is still renewed.
         assert_eq!(ty(&s.handle(1, mac(1), false, &renew(mac(1), a), T0 + 100_000)), Some(Ack));
     }
@@ -1321,7 +1322,7 @@ mod tests {
         assert_eq!(s.leases().count(), 0);
         assert!(s.take_dirty());
         assert_eq!(s.free_count(T0), 253);
-        assert!(s.handle(1, mac(1), false, &renew(mac(1), a), T0).is_none());
+        assert_eq!(ty(&s.handle(1, mac(1), false, &renew(mac(1), a), T0)), Some(Nak), "released");
         s.check_invariants(T0);
     }
 
@@ -1733,7 +1734,7 @@ mod tests {
         assert!(s
             .handle(4, mac(4), true, &with(req(Discover, mac(4)), opt::REQUESTED_IP, &ip(5).octets()), T0 + 10)
             .is_none());
-        assert!(s.handle(4, mac(4), true, &init_reboot(mac(4), ip(5)), T0).is_none());
+        assert_eq!(ty(&s.handle(4, mac(4), true, &init_reboot(mac(4), ip(5)), T0)), Some(Nak));
         // Its owner gets it after any time.
         assert_eq!(dora(&mut s, 5, m, T0 + 99_999), ip(5));
         // Declined: the owner gets a dynamic address meanwhile, and its own again afterwards.
