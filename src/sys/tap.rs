@@ -33,6 +33,7 @@ const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETVNETLE: libc::c_ulong = 0x4004_54dc;
 const IFF_NAPI: libc::c_short = 0x0010;
 const TUNSETSNDBUF: libc::c_ulong = 0x4004_54d4;
 const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
@@ -97,8 +98,14 @@ impl Tap {
         if offload {
             let fd = file.as_raw_fd();
             let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
+            // The header's fields are little-endian (`offload::vnet`); the kernel reads a legacy
+            // header in the host's byte order unless told: the same on little-endian hosts, and
+            // said explicitly for the others.
+            let le: libc::c_int = 1;
             // SAFETY: both ioctls read an int-sized argument from the pointer given.
-            if unsafe { libc::ioctl(fd, TUNSETVNETHDRSZ, &size) } < 0 {
+            if unsafe { libc::ioctl(fd, TUNSETVNETHDRSZ, &size) } < 0
+                || unsafe { libc::ioctl(fd, TUNSETVNETLE, &le) } < 0
+            {
                 return Err(io::Error::last_os_error());
             }
             let tso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
