@@ -58,8 +58,17 @@ pub fn dhcp_request(frame: &[u8], server_ip: Ipv4Addr) -> Option<DhcpRequest<'_>
     Some(DhcpRequest { src_mac: eth.src(), broadcast, payload: u.payload() })
 }
 
+/// The DHCP engine's clock, in unix seconds: the wall clock read once (at the first call,
+/// while the lease file is loaded), advanced by the monotonic clock since. A step of the wall
+/// clock (NTP at boot on a machine without a real-time clock, a VM resumed, `date -s`) then
+/// neither ends every lease at once nor stretches quarantines and grace periods; the lease file
+/// still holds unix times, as close to the truth as the clock was at start.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    static ANCHOR: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
+    let (unix, at) = ANCHOR.get_or_init(|| {
+        (SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()), std::time::Instant::now())
+    });
+    unix + at.elapsed().as_secs()
 }
 
 /// The built-in DHCP service as one worker sees it: the server's address and MAC (replies
@@ -393,6 +402,19 @@ mod tests {
     }
 
     const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 1);
+
+    #[test]
+    fn the_dhcp_clock_is_unix_time_that_only_moves_forward() {
+        let wall = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let (a, w) = (unix_now(), wall());
+        assert!(a.abs_diff(w) <= 2, "{a} against the wall clock's {w}");
+        let mut last = a;
+        for _ in 0..1000 {
+            let t = unix_now();
+            assert!(t >= last);
+            last = t;
+        }
+    }
 
     /// A `Shared` for `workers` workers with a DHCP engine on 192.168.2.0/24; the Polls keep
     /// the wakers valid.
