@@ -805,7 +805,7 @@ impl Config {
         }
         if !self.disable_dhcp {
             // The dynamic pool: the range (or the subnet's hosts) without the bridge's, the
-            // gateway's and the reserved addresses. The DHCP server refuses to start without one.
+            // gateway's, the DNS servers' and the reserved addresses. The DHCP server refuses to start without one.
             let (first, last) = (u32::from(net.first_host()), u32::from(net.broadcast()) - 1);
             let (lo, hi) = self.dhcp_range.map_or((first, last), |(a, b)| (u32::from(a), u32::from(b)));
             let (lo, hi) = (lo.max(first), hi.min(last));
@@ -813,6 +813,7 @@ impl Config {
                 a == u32::from(self.bridge_addr())
                     || self.dhcp_gateway.is_some_and(|g| u32::from(g) == a)
                     || self.dhcp_host.iter().any(|(_, r)| u32::from(*r) == a)
+                    || self.dhcp_domain_name_server.iter().any(|d| u32::from(*d) == a)
             };
             if !(lo..=hi).any(|a| !taken(a)) {
                 let key = ["dhcp_range", "dhcp_host", "dhcp_gateway"]

@@ -173,7 +173,8 @@ pub fn key_of(id: &[u8], mac: [u8; 6]) -> Vec<u8> {
 #[derive(Debug)]
 pub struct Server {
     cfg: ServerConfig,
-    /// Dynamic pool: `lo..=hi` minus `server_ip`, `router` and the reserved addresses.
+    /// Dynamic pool: `lo..=hi` minus `server_ip`, `router`, the DNS servers and the reserved
+    /// addresses.
     lo: u32,
     hi: u32,
     pool_size: usize,
@@ -272,6 +273,7 @@ impl Server {
             let excluded = [u32::from(server.cfg.server_ip), u32::from(server.cfg.router)]
                 .into_iter()
                 .chain(server.reserved_ips.iter().copied())
+                .chain(server.cfg.dns.iter().map(|d| u32::from(*d)))
                 .collect::<HashSet<u32>>();
             let excluded = excluded.iter().filter(|ip| (lo..=hi).contains(*ip)).count();
             server.pool_size = (hi - lo) as usize + 1 - excluded;
@@ -645,6 +647,7 @@ impl Server {
             && ip != u32::from(self.cfg.server_ip)
             && ip != u32::from(self.cfg.router)
             && !self.reserved_ips.contains(&ip)
+            && !self.cfg.dns.contains(&Ipv4Addr::from(ip))
     }
 
     /// May a client with this MAC hold `ip`?
@@ -939,6 +942,7 @@ impl Server {
             }
             assert!(!self.quarantine.contains_key(ip));
             assert!(self.in_pool(*ip) || self.reserved_ips.contains(ip));
+            assert!(!self.off_limits(r.lease.ip, Some(r.lease.mac)) || !r.bound, "{} leased", r.lease.ip);
         }
         assert_eq!(self.by_key.len(), self.records.len());
         for (c, ip) in &self.by_conn {
@@ -1632,6 +1636,23 @@ mod tests {
         assert!(t.adopt(6, mac(1), v, T0 + 501));
         assert_eq!(t.bound_ip(6, T0 + 501), Some(v));
         t.check_invariants(T0 + 501);
+    }
+
+    /// An on-subnet DNS server's address is not in the pool: never offered, even when asked
+    /// for (anti-spoofing keeps lease-less clients off it too).
+    #[test]
+    fn a_dns_server_address_is_never_leased() {
+        let mut s = Server::new(ServerConfig { dns: vec![ip(53)], range: Some((ip(50), ip(55))), ..cfg() }).unwrap();
+        assert_eq!(s.pool_size(), 5);
+        let d = with(req(Discover, mac(1)), opt::REQUESTED_IP, &ip(53).octets());
+        assert_ne!(s.handle(1, mac(1), true, &d, T0).unwrap().msg.yiaddr, ip(53));
+        s.connection_closed(1, T0);
+        for c in 2..7 {
+            assert_ne!(dora(&mut s, c, mac(c as u32), T0), ip(53));
+        }
+        assert!(s.handle(9, mac(9), true, &req(Discover, mac(9)), T0).is_none(), "dry, not .53");
+        assert_eq!(ty(&s.handle(9, mac(9), true, &init_reboot(mac(9), ip(53)), T0)), Some(Nak));
+        s.check_invariants(T0);
     }
 
     #[test]
