@@ -300,7 +300,14 @@ impl Policy {
             }
             ethernet::ETHERTYPE_IPV4 => match ipv4::Packet::parse(eth.payload()) {
                 Some(pkt) => {
-                    let dhcp = pkt.src().is_unspecified() && dhcp_request(frame, Ipv4Addr::BROADCAST).is_some();
+                    // A DHCP message to the built-in server is answered here and never forwarded,
+                    // whatever its source: a RENEW from an address the client no longer holds
+                    // must reach the engine to get its NAK. For an external server only a
+                    // client without an address (0.0.0.0) passes.
+                    let dhcp = match &self.dhcp {
+                        Some(d) => dhcp_request(frame, d.server_ip).is_some(),
+                        None => pkt.src().is_unspecified() && dhcp_request(frame, Ipv4Addr::BROADCAST).is_some(),
+                    };
                     if !dhcp && !self.may_claim(conn, st, pkt.src()) {
                         return Err(drop_reason::SRC_IP_SPOOFED);
                     }
@@ -484,6 +491,36 @@ mod tests {
             Verdict::Drop(drop_reason::SRC_IP_SPOOFED)
         );
         assert_eq!(p.inspect(2, &mut st2, &udp_from(m, v)), Verdict::Forward);
+    }
+
+    /// A RENEW sent from an address the client no longer holds (another's now) gets its NAK:
+    /// the source check does not drop DHCP to the built-in server, which never forwards it.
+    #[test]
+    fn a_renew_from_an_address_now_anothers_is_nakked() {
+        let (sh, _poll) = shared(1);
+        let mut p = policy(&sh, 0);
+        let (m1, m2) = ([2, 0, 0, 0, 0, 31], [2, 0, 0, 0, 0, 32]);
+        p.opened(1, "203.0.113.1".parse().unwrap());
+        let mut st = ConnState::default();
+        let v = yiaddr(p.inspect(1, &mut st, &dhcp_from(m1, 1, None)));
+        assert_eq!(yiaddr(p.inspect(1, &mut st, &dhcp_from(m1, 3, Some(v)))), v);
+        p.opened(2, "203.0.113.2".parse().unwrap());
+        let mut chaddr = [0; 16];
+        chaddr[..6].copy_from_slice(&m2);
+        let mut m = wire::Message { op: 1, htype: 1, hlen: 6, xid: 9, chaddr, ciaddr: v, ..Default::default() };
+        m.set_option(wire::opt::MESSAGE_TYPE, [3]);
+        let mut payload = Vec::new();
+        wire::encode(&m, &mut payload);
+        let mut f = Vec::new();
+        ethernet::write_header(&mut f, [2, 0, 0, 0, 0, 1], m2, ethernet::ETHERTYPE_IPV4);
+        udp::write_ipv4_udp(&mut f, (v, 68), (GW, 67), &payload);
+        let Verdict::Reply(r) = p.inspect(2, &mut ConnState::default(), &f) else { panic!("no answer") };
+        assert_eq!(wire::decode(&r[14 + 20 + 8..]).unwrap().message_type(), Some(wire::MessageType::Nak));
+        // Other traffic from that address is still refused.
+        assert_eq!(
+            p.inspect(2, &mut ConnState::default(), &udp_from(m2, v)),
+            Verdict::Drop(drop_reason::SRC_IP_SPOOFED)
+        );
     }
 
     fn policy(shared: &Arc<Shared>, worker: usize) -> Policy {
