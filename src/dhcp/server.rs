@@ -24,8 +24,10 @@
 //! client gets its old address), and last the quarantine of an address a client declined (one
 //! per connection, of the lease acknowledged on it). A new client gets, in order: a never-used
 //! address, else the one whose courtesy ended longest ago or ends soonest, else the one whose
-//! quarantine ends soonest. The pool is exhausted only when every address is pinned; that is
-//! logged once per episode.
+//! quarantine ends soonest — except that with [`MAX_RECORDS`] records it first takes the one of
+//! those no live connection holds (a grace, a remembered lease) rather than add a record, and
+//! never an address its connection declined. The pool is exhausted only when every address is
+//! pinned; that is logged once per episode.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -45,6 +47,8 @@ const MAX_HOST_NAME: usize = 255;
 /// than a never-used one: in a large subnet, connections cycling with new keys would otherwise
 /// leave a lease each, in memory and in the lease file, up to the size of the pool.
 const MAX_RECORDS: usize = 4096;
+/// Addresses a connection declined that it is not offered again (the oldest is forgotten).
+const MAX_DECLINED: usize = 8;
 
 /// The server's settings. See [`Server::new`] for what is checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -188,8 +192,9 @@ pub struct Server {
     by_conn: HashMap<ConnId, u32>,
     /// Address → end of its quarantine.
     quarantine: BTreeMap<u32, u64>,
-    /// Connections that have had an address quarantined: one each.
-    declined: HashSet<ConnId>,
+    /// Addresses each connection declined (the first is quarantined), the last
+    /// [`MAX_DECLINED`]: not offered to it again.
+    declined: HashMap<ConnId, Vec<u32>>,
     /// DECLINEs are logged at most once a minute: not before this time, with how many were not.
     decline_log: (u64, u64),
     /// Earliest offer or quarantine end: `expire` has nothing to do before it.
@@ -259,7 +264,7 @@ impl Server {
             by_key: HashMap::new(),
             by_conn: HashMap::new(),
             quarantine: BTreeMap::new(),
-            declined: HashSet::new(),
+            declined: HashMap::new(),
             decline_log: (0, 0),
             next_deadline: u64::MAX,
             next_lease_end: u64::MAX,
@@ -584,8 +589,13 @@ impl Server {
             return;
         }
         self.remove(ip);
-        if !self.declined.insert(c.conn) {
-            return;
+        let list = self.declined.entry(c.conn).or_default();
+        list.push(ip);
+        if list.len() > MAX_DECLINED {
+            list.remove(0);
+        }
+        if list.len() > 1 {
+            return; // one quarantine per connection
         }
         let (next, unlogged) = &mut self.decline_log;
         if now >= *next {
@@ -705,17 +715,22 @@ impl Server {
                 return Some(ip);
             }
         }
-        // With `max_records` records, an address is reused rather than a record added.
+        // With `max_records` records, one no live connection holds is reused rather than a record
+        // added (a live connection's outstanding offer gives way only when nothing else is left).
+        // Addresses this connection declined are not offered to it again.
         let roomy = self.records.len() < self.max_records;
-        let fits = |s: &Self, ip: u32| s.available(ip, now) && (roomy || s.records.contains_key(&ip));
+        let avoid = self.declined.get(&c.conn).map_or(&[][..], |v| &v[..]);
+        let fits =
+            |s: &Self, ip: u32| s.available(ip, now) && (roomy || s.records.contains_key(&ip)) && !avoid.contains(&ip);
         let fresh = requested
             .map(u32::from)
             .filter(|ip| fits(self, *ip))
             .or(prev.filter(|ip| fits(self, *ip)))
-            .or_else(|| roomy.then(|| self.lowest_unused()).flatten())
-            .or_else(|| self.oldest_reclaimable(now))
-            .or_else(|| self.lowest_unused())
-            .or_else(|| self.end_soonest_quarantine());
+            .or_else(|| roomy.then(|| self.lowest_unused(avoid)).flatten())
+            .or_else(|| self.oldest_reclaimable(now, true, avoid))
+            .or_else(|| self.lowest_unused(avoid))
+            .or_else(|| self.oldest_reclaimable(now, false, avoid));
+        let fresh = fresh.or_else(|| self.end_soonest_quarantine());
         match fresh {
             Some(ip) => {
                 self.exhausted = false;
@@ -740,8 +755,8 @@ impl Server {
         Some(ip)
     }
 
-    /// The lowest pool address with no record and no quarantine.
-    fn lowest_unused(&self) -> Option<u32> {
+    /// The lowest pool address with no record and no quarantine, not in `avoid`.
+    fn lowest_unused(&self, avoid: &[u32]) -> Option<u32> {
         let mut used = self.records.range(self.lo..=self.hi).map(|(ip, _)| *ip).peekable();
         let mut ip = self.lo;
         loop {
@@ -749,7 +764,8 @@ impl Server {
                 return None;
             }
             while used.next_if(|u| *u < ip).is_some() {}
-            if used.peek() == Some(&ip) || !self.in_pool(ip) || self.quarantine.contains_key(&ip) {
+            if used.peek() == Some(&ip) || !self.in_pool(ip) || self.quarantine.contains_key(&ip) || avoid.contains(&ip)
+            {
                 ip = ip.checked_add(1)?;
                 continue;
             }
@@ -757,11 +773,13 @@ impl Server {
         }
     }
 
-    /// The pool address whose courtesy hold ended longest ago or ends soonest.
-    fn oldest_reclaimable(&self, now: u64) -> Option<u32> {
+    /// The pool address whose courtesy hold ended longest ago or ends soonest (`idle_only`: of
+    /// those no live connection holds, not an outstanding offer), not in `avoid`.
+    fn oldest_reclaimable(&self, now: u64, idle_only: bool, avoid: &[u32]) -> Option<u32> {
         self.records
             .range(self.lo..=self.hi)
-            .filter(|(ip, r)| !r.pinned(now) && self.in_pool(**ip))
+            .filter(|(ip, r)| !r.pinned(now) && self.in_pool(**ip) && !avoid.contains(*ip))
+            .filter(|(_, r)| !idle_only || r.lease.conn.is_none())
             .min_by_key(|(ip, r)| (r.held_until(), **ip))
             .map(|(ip, _)| *ip)
     }
@@ -1267,7 +1285,7 @@ mod tests {
     #[test]
     fn declines_cannot_empty_the_pool() {
         let decline = |m: [u8; 6], a: Ipv4Addr| with(req(Decline, m), opt::REQUESTED_IP, &a.octets());
-        let mut s = small((10, 14));
+        let mut s = small((10, 30));
         let v = dora(&mut s, 9, mac(9), T0);
         s.connection_closed(9, T0);
         for i in 0..50 {
@@ -1279,13 +1297,23 @@ mod tests {
         s.handle(2, mac(2), true, &decline(mac(2), o), T0 + 60);
         assert_eq!(s.quarantine.len(), 1);
         assert!(s.leases().any(|l| l.ip == v), "the disconnected client's lease is still remembered");
-        assert_eq!(s.free_count(T0 + 60), 5 - 3); // v in grace, one quarantined, one offered
+        assert_eq!(s.free_count(T0 + 60), 21 - 3); // v in grace, one quarantined, one offered
         s.check_invariants(T0 + 60);
         // A new connection may quarantine once again.
         s.connection_closed(1, T0 + 61);
         let a = dora(&mut s, 3, mac(1), T0 + 61);
         s.handle(3, mac(1), true, &decline(mac(1), a), T0 + 61);
         assert_eq!(s.quarantine.len(), 2);
+        // A client that keeps finding its address in use is not offered the same one again.
+        let mut s = small((10, 14));
+        let mut got = Vec::new();
+        for i in 0..4 {
+            let a = dora(&mut s, 1, mac(1), T0 + i);
+            assert!(!got.contains(&a), "{a} offered again after a DECLINE");
+            got.push(a);
+            s.handle(1, mac(1), true, &decline(mac(1), a), T0 + i);
+        }
+        s.check_invariants(T0 + 5);
     }
 
     /// Connections cycling with new keys leave at most `max_records` records behind (in memory
@@ -1306,6 +1334,17 @@ mod tests {
         }
         assert_eq!(s.records.len(), 12, "twelve live connections, twelve leases");
         s.check_invariants(T0 + 200);
+        // At the bound, a live connection's outstanding offer is not taken from it.
+        let mut u = server();
+        u.max_records = 8;
+        for conn in 1..8u64 {
+            dora(&mut u, conn, mac(conn as u32), T0);
+            u.connection_closed(conn, T0);
+        }
+        let o = u.handle(8, mac(8), true, &req(Discover, mac(8)), T0).unwrap().msg.yiaddr;
+        assert_ne!(u.handle(9, mac(9), true, &req(Discover, mac(9)), T0 + 1).unwrap().msg.yiaddr, o);
+        assert_eq!(ty(&u.handle(8, mac(8), true, &selecting(mac(8), o, SERVER), T0 + 2)), Some(Ack));
+        u.check_invariants(T0 + 2);
         let leases: Vec<Lease> = s.leases().cloned().collect();
         let mut t = server();
         t.max_records = 8;
@@ -2001,7 +2040,7 @@ mod tests {
             let msg = if key >= 5 { with(msg, opt::CLIENT_ID, &[0xff, key]) } else { msg };
             let conn = u64::from(slot) * 1_000_000 + gens[slot as usize];
             let broadcast = !matches!(op, Op::Renew { broadcast: false, .. });
-            let unused_before = s.lowest_unused().is_none();
+            let unused_before = s.lowest_unused(&[]).is_none();
             let reply = s.handle(conn, mac(key.into()), broadcast, &msg, now);
             s.check_invariants(now);
             check(&s, now);
