@@ -168,9 +168,14 @@ fn dhcp_server(cfg: &Config) -> Result<Option<wsnic::dhcp::server::Server>, Stri
     })
     .map_err(|e| format!("DHCP: {e}"))?;
     if let Some(path) = &cfg.dhcp_lease_file {
-        let leases = store::load(path)?;
+        use wsnic::relay::policy::{from_wall, unix_now, wall_now};
+        let (engine, wall) = (unix_now(), wall_now());
+        let leases: Vec<_> = store::load(path)?
+            .into_iter()
+            .map(|l| wsnic::dhcp::Lease { expires: from_wall(l.expires, engine, wall), ..l })
+            .collect();
         log::info!("loaded {} DHCP leases from {}", leases.len(), path.display());
-        s.load(leases, wsnic::relay::policy::unix_now());
+        s.load(leases, engine);
     }
     Ok(Some(s))
 }

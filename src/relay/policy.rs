@@ -58,17 +58,38 @@ pub fn dhcp_request(frame: &[u8], server_ip: Ipv4Addr) -> Option<DhcpRequest<'_>
     Some(DhcpRequest { src_mac: eth.src(), broadcast, payload: u.payload() })
 }
 
-/// The DHCP engine's clock, in unix seconds: the wall clock read once (at the first call,
-/// while the lease file is loaded), advanced by the monotonic clock since. A step of the wall
-/// clock (NTP at boot on a machine without a real-time clock, a VM resumed, `date -s`) then
-/// neither ends every lease at once nor stretches quarantines and grace periods; the lease file
-/// still holds unix times, as close to the truth as the clock was at start.
+/// The DHCP engine's clock, in seconds: the wall clock read once (at the first call, while the
+/// lease file is loaded), advanced since by `CLOCK_BOOTTIME` (which counts a suspend, and is
+/// never set). A step of the wall clock (NTP at boot on a machine without a real-time clock, a
+/// VM resumed, `date -s`) then neither ends every lease at once nor stretches quarantines and
+/// grace periods. The lease file holds wall-clock times: [`to_wall`] and [`from_wall`] convert.
 pub fn unix_now() -> u64 {
-    static ANCHOR: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
-    let (unix, at) = ANCHOR.get_or_init(|| {
-        (SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()), std::time::Instant::now())
-    });
-    unix + at.elapsed().as_secs()
+    static ANCHOR: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    let (wall, boot) = *ANCHOR.get_or_init(|| (wall_now(), boottime()));
+    wall + boottime().saturating_sub(boot)
+}
+
+/// The wall clock, in unix seconds.
+pub fn wall_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn boottime() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec to the pointer given.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64
+}
+
+/// Engine time `t` as wall-clock time, given both clocks now: what the lease file stores, so
+/// that the next start (whose engine clock begins at its wall clock) reads the time left.
+pub fn to_wall(t: u64, engine_now: u64, wall_now: u64) -> u64 {
+    (t + wall_now).saturating_sub(engine_now)
+}
+
+/// Wall-clock time `t` (from the lease file) as engine time.
+pub fn from_wall(t: u64, engine_now: u64, wall_now: u64) -> u64 {
+    (t + engine_now).saturating_sub(wall_now)
 }
 
 /// The built-in DHCP service as one worker sees it: the server's address and MAC (replies
@@ -409,6 +430,22 @@ mod tests {
     }
 
     const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 1);
+
+    /// A lease made before the wall clock was set (a machine booted without a real-time clock,
+    /// the engine anchored at 1000 s) is written with the time it has left, and a later start
+    /// reads it so; the engine clock itself never jumps with the wall clock.
+    #[test]
+    fn the_lease_file_holds_wall_time() {
+        let (engine, wall) = (1_010, 90_010); // ten seconds in, after a step of the wall clock
+        let expires = 1_000 + 3_600;
+        let saved = to_wall(expires, engine, wall);
+        assert_eq!(saved, 93_600);
+        // The next start's engine clock begins at its wall clock.
+        assert_eq!(from_wall(saved, 90_020, 90_020), 93_600);
+        // Engine and wall clock apart in a run: there and back again.
+        assert_eq!(from_wall(to_wall(expires, engine, wall), engine, wall), expires);
+        assert_eq!(to_wall(5, 1_000, 0), 0, "saturates");
+    }
 
     #[test]
     fn the_dhcp_clock_is_unix_time_that_only_moves_forward() {

@@ -274,6 +274,11 @@ impl Shared {
             }
             d.leases().cloned().collect()
         };
+        let (engine, wall) = (super::policy::unix_now(), super::policy::wall_now());
+        let leases: Vec<Lease> = leases
+            .into_iter()
+            .map(|l| Lease { expires: super::policy::to_wall(l.expires, engine, wall), ..l })
+            .collect();
         if let Err(e) = store::save(path, leases.iter()) {
             log::error!("writing the lease file {}: {e}", path.display());
         }
