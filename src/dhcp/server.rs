@@ -83,9 +83,11 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub ip: Ipv4Addr,
-    /// Ethernet source address of the client's last message.
+    /// The client's hardware address (chaddr; with anti-spoofing, the connection's MAC too). Every
+    /// key ends with it.
     pub mac: [u8; 6],
-    /// Client identifier (61), or `htype` + `chaddr`; never empty.
+    /// The lease key ([`key_of`]: the client identifier (61), or `htype` + `chaddr`, ending
+    /// with `mac`); never empty.
     pub client_key: Vec<u8>,
     /// Host name (12) as sent, up to 255 bytes; empty when none was given.
     pub hostname: Vec<u8>,
@@ -502,7 +504,7 @@ impl Server {
             format_mac(&src_mac),
             if broadcast { "broadcast" } else { "server" }
         );
-        let c = Client { conn, src_mac, chaddr, key };
+        let c = Client { conn, chaddr, key };
         // A connection asking under a new key gives up what it holds under its old one.
         let prev = match ty {
             MessageType::Discover | MessageType::Request => self.detach_other(&c),
@@ -807,7 +809,7 @@ impl Server {
             Record {
                 lease: Lease {
                     ip: ip.into(),
-                    mac: c.src_mac,
+                    mac: c.chaddr,
                     client_key: key.to_vec(),
                     hostname: Vec::new(),
                     expires: 0,
@@ -831,8 +833,8 @@ impl Server {
         }
         r.lease.conn = Some(c.conn);
         r.grace_until = 0;
-        if r.lease.mac != c.src_mac {
-            r.lease.mac = c.src_mac;
+        if r.lease.mac != c.chaddr {
+            r.lease.mac = c.chaddr;
             self.dirty |= r.bound;
         }
         if let Some(h) = hostname.filter(|h| *h != r.lease.hostname) {
@@ -955,6 +957,7 @@ impl Server {
         for (ip, r) in &self.records {
             assert_eq!(u32::from(r.lease.ip), *ip);
             assert_eq!(self.by_key.get(&r.lease.client_key), Some(ip), "by_key of {ip}");
+            assert!(r.lease.client_key.ends_with(&r.lease.mac), "the key of {ip} ends with its MAC");
             if let Some(c) = r.lease.conn {
                 assert_eq!(self.by_conn.get(&c), Some(ip), "by_conn of {ip}");
             }
@@ -977,7 +980,6 @@ fn nonzero(ip: Ipv4Addr) -> Option<Ipv4Addr> {
 /// Who sent a message.
 struct Client<'a> {
     conn: ConnId,
-    src_mac: [u8; 6],
     chaddr: [u8; 6],
     key: &'a [u8],
 }
@@ -1616,6 +1618,20 @@ mod tests {
         assert_ne!(o, v);
         assert_eq!(s.key_held_elsewhere(1, &renew(mac(1), v)), None);
         assert_eq!(ty(&s.handle(1, mac(1), false, &renew(mac(1), v), T0 + 4)), Some(Ack));
+    }
+
+    /// A lease's MAC is its chaddr, which its key ends with, also when the frame came from
+    /// another MAC (possible without anti-spoofing): it survives a restart.
+    #[test]
+    fn a_lease_keeps_its_key_across_a_restart_whatever_mac_sent_it() {
+        let mut s = server();
+        let d = s.handle(1, mac(9), true, &req(Discover, mac(1)), T0).unwrap().msg.yiaddr;
+        assert_eq!(ty(&s.handle(1, mac(9), true, &selecting(mac(1), d, SERVER), T0)), Some(Ack));
+        assert_eq!(lease_of(&s, d).mac, mac(1));
+        let mut t = server();
+        t.load(s.leases().cloned().collect(), T0 + 10);
+        assert_eq!(ty(&t.handle(2, mac(1), true, &init_reboot(mac(1), d), T0 + 11)), Some(Ack));
+        t.check_invariants(T0 + 11);
     }
 
     /// Guests cloned from one image send the same DUID-based identifier from different MACs:
