@@ -324,12 +324,13 @@ impl Policy {
                     // A DHCP message to the built-in server is answered here and never forwarded,
                     // whatever its source: a RENEW from an address the client no longer holds
                     // must reach the engine to get its NAK. For an external server only a
-                    // client without an address (0.0.0.0) passes.
-                    let dhcp = match &self.dhcp {
+                    // client without an address (0.0.0.0) passes. (Looked at only when the
+                    // source is refused: an ordinary frame pays nothing for it.)
+                    let dhcp = || match &self.dhcp {
                         Some(d) => dhcp_request(frame, d.server_ip).is_some(),
                         None => pkt.src().is_unspecified() && dhcp_request(frame, Ipv4Addr::BROADCAST).is_some(),
                     };
-                    if !dhcp && !self.may_claim(conn, st, pkt.src()) {
+                    if !self.may_claim(conn, st, pkt.src()) && !dhcp() {
                         return Err(drop_reason::SRC_IP_SPOOFED);
                     }
                 }
