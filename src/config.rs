@@ -805,7 +805,8 @@ impl Config {
         }
         if !self.disable_dhcp {
             // The dynamic pool: the range (or the subnet's hosts) without the bridge's, the
-            // gateway's, the DNS servers' and the reserved addresses. The DHCP server refuses to start without one.
+            // gateway's, the DNS servers' and the reserved addresses. The DHCP server refuses to
+            // start without one.
             let (first, last) = (u32::from(net.first_host()), u32::from(net.broadcast()) - 1);
             let (lo, hi) = self.dhcp_range.map_or((first, last), |(a, b)| (u32::from(a), u32::from(b)));
             let (lo, hi) = (lo.max(first), hi.min(last));
@@ -816,7 +817,7 @@ impl Config {
                     || self.dhcp_domain_name_server.iter().any(|d| u32::from(*d) == a)
             };
             if !(lo..=hi).any(|a| !taken(a)) {
-                let key = ["dhcp_range", "dhcp_host", "dhcp_gateway"]
+                let key = ["dhcp_range", "dhcp_host", "dhcp_gateway", "dhcp_domain_name_server"]
                     .into_iter()
                     .find(|k| self.origins.contains_key(k))
                     .unwrap_or("bridge_subnet");
@@ -1130,6 +1131,12 @@ mod tests {
         assert!(check(&format!("{full}disable_dhcp=true\n")).is_ok(), "no pool needed without DHCP");
         let gw = "bridge_subnet=10.0.0.0/30\ndhcp_gateway=10.0.0.2\n";
         assert!(check(gw).unwrap_err().starts_with("w.conf:2: dhcp_gateway: leaves no address"), "{:?}", check(gw));
+        let dns = "bridge_subnet=10.0.0.0/30\ndhcp_domain_name_server=10.0.0.2\n";
+        assert!(
+            check(dns).unwrap_err().starts_with("w.conf:2: dhcp_domain_name_server: leaves no"),
+            "{:?}",
+            check(dns)
+        );
         assert!(check("bridge_subnet=10.0.0.0/30\n").is_ok());
     }
 
