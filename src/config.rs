@@ -793,7 +793,11 @@ impl Config {
             }
         }
         for (i, (mac, ip)) in self.dhcp_host.iter().enumerate() {
-            if !is_host(*ip) || *ip == self.bridge_addr() || Some(*ip) == self.dhcp_gateway {
+            if !is_host(*ip)
+                || *ip == self.bridge_addr()
+                || Some(*ip) == self.dhcp_gateway
+                || self.dhcp_domain_name_server.contains(ip)
+            {
                 return err(
                     "dhcp_host",
                     format!("{ip} (for {}) is not a client address of {net}", crate::sys::format_mac(mac)),
@@ -1131,6 +1135,8 @@ mod tests {
         assert!(check(&format!("{full}disable_dhcp=true\n")).is_ok(), "no pool needed without DHCP");
         let gw = "bridge_subnet=10.0.0.0/30\ndhcp_gateway=10.0.0.2\n";
         assert!(check(gw).unwrap_err().starts_with("w.conf:2: dhcp_gateway: leaves no address"), "{:?}", check(gw));
+        let on_dns = "dhcp_domain_name_server=192.168.2.53\ndhcp_host=02:00:00:00:00:10,192.168.2.53\n";
+        assert!(check(on_dns).unwrap_err().contains("is not a client address"), "{:?}", check(on_dns));
         let dns = "bridge_subnet=10.0.0.0/30\ndhcp_domain_name_server=10.0.0.2\n";
         assert!(
             check(dns).unwrap_err().starts_with("w.conf:2: dhcp_domain_name_server: leaves no"),

@@ -243,7 +243,7 @@ impl Server {
         let mut reservations = HashMap::new();
         let mut reserved_ips = HashSet::new();
         for (mac, ip) in &cfg.reservations {
-            if !is_host(*ip) || *ip == cfg.server_ip || *ip == cfg.router {
+            if !is_host(*ip) || *ip == cfg.server_ip || *ip == cfg.router || cfg.dns.contains(ip) {
                 return Err(format!(
                     "DHCP reservation {} → {ip}: not a free host address of {net} (server {}, router {})",
                     format_mac(mac),
