@@ -253,6 +253,10 @@ fn sigterm_restores_what_ip_forward_changed_besides() {
     assert_eq!(ns.sysctl("net.ipv4.conf.default.forwarding"), "0");
 }
 
+/// Two instances in one namespace: their bridges, subnets and ports differ.
+const BRIDGE_A: &[&str] = &["--bridge-name", "br-a", "--bridge-subnet", "10.9.1.0/24"];
+const BRIDGE_B: &[&str] = &["--bridge-name", "br-b", "--bridge-subnet", "10.9.2.0/24", "--ws-server-port", "8071"];
+
 /// Two instances (two bridges): the one that stops last puts back `ip_forward` from before
 /// the first, whichever order they stop in.
 #[test]
@@ -260,9 +264,8 @@ fn two_instances_restore_ip_forward_from_before_the_first() {
     let ns = Netns::new("fwd2");
     for first_stops_first in [true, false] {
         ns.set_sysctl("net.ipv4.ip_forward", "0");
-        let a = Wsnic::start(&ns, &["--bridge-name", "br-a", "--bridge-subnet", "10.9.1.0/24"]);
-        let b =
-            Wsnic::start(&ns, &["--bridge-name", "br-b", "--bridge-subnet", "10.9.2.0/24", "--ws-server-port", "8071"]);
+        let a = Wsnic::start(&ns, BRIDGE_A);
+        let b = Wsnic::start(&ns, BRIDGE_B);
         let (first, second) = if first_stops_first { (a, b) } else { (b, a) };
         assert_eq!(first.stop(), 0);
         assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "1", "the other still forwards");
@@ -277,14 +280,13 @@ fn two_instances_restore_ip_forward_from_before_the_first() {
 fn ip_forward_survives_a_crash_between_two_instances() {
     let ns = Netns::new("fwd3");
     ns.set_sysctl("net.ipv4.ip_forward", "0");
-    let a_args = ["--bridge-name", "br-a", "--bridge-subnet", "10.9.1.0/24"];
-    let mut a = Wsnic::start(&ns, &a_args);
+    let mut a = Wsnic::start(&ns, BRIDGE_A);
     a.signal("KILL");
     a.wait_exit();
     let log = a.log.clone();
     drop(a);
-    let b = Wsnic::start(&ns, &["--bridge-name", "br-b", "--bridge-subnet", "10.9.2.0/24", "--ws-server-port", "8071"]);
-    let mut a = Wsnic::start_logging(&ns, &a_args, log);
+    let b = Wsnic::start(&ns, BRIDGE_B);
+    let mut a = Wsnic::start_logging(&ns, BRIDGE_A, log);
     a.wait_log("did not exit cleanly", 5 * SEC);
     assert_eq!(a.stop(), 0);
     assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "1", "b still forwards");

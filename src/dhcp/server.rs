@@ -139,30 +139,18 @@ impl Record {
     }
 }
 
-/// Room for the longest key: an identifier with the MAC appended.
-const KEY_BUF: usize = MAX_CLIENT_ID + 6;
-
-/// The lease key of `msg`: its client identifier, else htype followed by the MAC; an identifier
-/// that does not end with the MAC gets it appended (see [`key_of`]).
-fn client_key<'a>(msg: &'a Message, chaddr: [u8; 6], buf: &'a mut [u8; KEY_BUF]) -> Option<&'a [u8]> {
-    let id = match msg.client_id() {
-        Some(id) if id.len() > MAX_CLIENT_ID => return None,
-        Some(id) if !id.is_empty() => id,
-        _ => {
-            buf[0] = msg.htype;
-            buf[1..7].copy_from_slice(&chaddr);
-            return Some(&buf[..7]);
-        }
-    };
-    if id.ends_with(&chaddr) {
-        return Some(id);
+/// The lease key of `msg` (see [`key_of`]): its client identifier, else htype followed by the
+/// MAC. `None` for an identifier over [`MAX_CLIENT_ID`] bytes.
+fn client_key(msg: &Message, chaddr: [u8; 6]) -> Option<Vec<u8>> {
+    match msg.client_id() {
+        Some(id) if id.len() > MAX_CLIENT_ID => None,
+        Some(id) if !id.is_empty() => Some(key_of(id, chaddr)),
+        _ => Some(key_of(&[msg.htype], chaddr)),
     }
-    buf[..id.len()].copy_from_slice(id);
-    buf[id.len()..id.len() + 6].copy_from_slice(&chaddr);
-    Some(&buf[..id.len() + 6])
 }
 
-/// A key as [`client_key`] makes it for identifier `id` from `mac`: every key ends with the
+/// The key for identifier `id` from `mac`, the identifier with the MAC appended unless it ends
+/// with it already (as `01:<mac>` does, and `htype` alone does not): every key ends with the
 /// client's MAC, so clients with different MACs never share one whatever identifier they send.
 /// (One client cannot name another's lease to take, release or decline it; guests cloned from
 /// one disk image, whose DUID-based identifiers are equal, do not fight over one address.) Also
@@ -337,9 +325,8 @@ impl Server {
     /// address, or release it.
     pub fn key_held_elsewhere(&self, conn: ConnId, msg: &Message) -> Option<ConnId> {
         let chaddr = msg.client_mac()?;
-        let mut key_buf = [0u8; KEY_BUF];
-        let key = client_key(msg, chaddr, &mut key_buf)?;
-        let ip = self.by_key.get(key)?;
+        let key = client_key(msg, chaddr)?;
+        let ip = self.by_key.get(&key)?;
         self.records.get(ip)?.lease.conn.filter(|&c| c != conn)
     }
 
@@ -494,8 +481,7 @@ impl Server {
             return None;
         }
         let chaddr = msg.client_mac()?;
-        let mut key_buf = [0u8; KEY_BUF];
-        let key = client_key(msg, chaddr, &mut key_buf)?;
+        let key = client_key(msg, chaddr)?;
         let ty = msg.message_type()?;
         let ours = msg.server_id().is_none_or(|s| s == self.cfg.server_ip);
         log::debug!(
@@ -504,7 +490,7 @@ impl Server {
             format_mac(&src_mac),
             if broadcast { "broadcast" } else { "server" }
         );
-        let c = Client { conn, chaddr, key };
+        let c = Client { conn, chaddr, key: &key };
         // A connection asking under a new key gives up what it holds under its old one.
         let prev = match ty {
             MessageType::Discover | MessageType::Request => self.detach_other(&c),

@@ -464,11 +464,16 @@ mod tests {
     /// A `Shared` for `workers` workers with a DHCP engine on 192.168.2.0/24; the Polls keep
     /// the wakers valid.
     fn shared(workers: usize) -> (Arc<Shared>, Vec<mio::Poll>) {
+        shared_with(workers, ServerConfig::for_tests())
+    }
+
+    /// The same with the DHCP engine configured by `cfg`.
+    fn shared_with(workers: usize, cfg: ServerConfig) -> (Arc<Shared>, Vec<mio::Poll>) {
         let polls: Vec<mio::Poll> = (0..=workers).map(|_| mio::Poll::new().unwrap()).collect();
         let mut wakers: Vec<mio::Waker> =
             polls.iter().map(|p| mio::Waker::new(p.registry(), mio::Token(0)).unwrap()).collect();
         let main = wakers.pop().unwrap();
-        let server = Server::new(ServerConfig::for_tests()).unwrap();
+        let server = Server::new(cfg).unwrap();
         (Arc::new(Shared::new(Some(server), None, wakers, main)), polls)
     }
 
@@ -476,10 +481,6 @@ mod tests {
     /// the subnet's broadcast address, or one reserved for another MAC (its own it may).
     #[test]
     fn a_client_without_a_lease_takes_no_configured_address() {
-        let polls: Vec<mio::Poll> = (0..2).map(|_| mio::Poll::new().unwrap()).collect();
-        let mut wakers: Vec<mio::Waker> =
-            polls.iter().map(|p| mio::Waker::new(p.registry(), mio::Token(0)).unwrap()).collect();
-        let main = wakers.pop().unwrap();
         let at = |n| Ipv4Addr::new(192, 168, 2, n);
         let owner = [2, 0, 0, 0, 0, 7];
         let other = |n: u8| [2, 0, 0, 0, 1, n];
@@ -489,7 +490,7 @@ mod tests {
             reservations: vec![(owner, at(5))],
             ..ServerConfig::for_tests()
         };
-        let sh = Arc::new(Shared::new(Some(Server::new(cfg).unwrap()), None, wakers, main));
+        let (sh, _poll) = shared_with(1, cfg);
         let mut p = policy(&sh, 0);
         let spoofed = Verdict::Drop(drop_reason::SRC_IP_SPOOFED);
         for (conn, a) in [(1, at(254)), (2, at(253)), (3, at(255)), (4, at(5)), (5, at(1))] {
@@ -543,15 +544,8 @@ mod tests {
         let v = yiaddr(p.inspect(1, &mut st, &dhcp_from(m1, 1, None)));
         assert_eq!(yiaddr(p.inspect(1, &mut st, &dhcp_from(m1, 3, Some(v)))), v);
         p.opened(2, "203.0.113.2".parse().unwrap());
-        let mut chaddr = [0; 16];
-        chaddr[..6].copy_from_slice(&m2);
-        let mut m = wire::Message { op: 1, htype: 1, hlen: 6, xid: 9, chaddr, ciaddr: v, ..Default::default() };
-        m.set_option(wire::opt::MESSAGE_TYPE, [3]);
-        let mut payload = Vec::new();
-        wire::encode(&m, &mut payload);
-        let mut f = Vec::new();
-        ethernet::write_header(&mut f, [2, 0, 0, 0, 0, 1], m2, ethernet::ETHERTYPE_IPV4);
-        udp::write_ipv4_udp(&mut f, (v, 68), (GW, 67), &payload);
+        let m = wire::Message { ciaddr: v, ..dhcp_message(m2, 3) };
+        let f = dhcp_frame(&m, m2, [2, 0, 0, 0, 0, 1], (v, GW));
         let Verdict::Reply(r) = p.inspect(2, &mut ConnState::default(), &f) else { panic!("no answer") };
         assert_eq!(wire::decode(&r[14 + 20 + 8..]).unwrap().message_type(), Some(wire::MessageType::Nak));
         // Other traffic from that address is still refused.
@@ -575,19 +569,30 @@ mod tests {
 
     /// A DHCP message of type `ty` from `mac` (broadcast, from 0.0.0.0).
     fn dhcp_from(mac: Mac, ty: u8, requested: Option<Ipv4Addr>) -> Vec<u8> {
-        let mut chaddr = [0; 16];
-        chaddr[..6].copy_from_slice(&mac);
-        let mut m = wire::Message { op: 1, htype: 1, hlen: 6, xid: 7, chaddr, ..Default::default() };
-        m.set_option(wire::opt::MESSAGE_TYPE, [ty]);
+        let mut m = dhcp_message(mac, ty);
         if let Some(ip) = requested {
             m.set_option(wire::opt::REQUESTED_IP, ip.octets());
             m.set_option(wire::opt::SERVER_ID, GW.octets());
         }
+        dhcp_frame(&m, mac, [0xff; 6], (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST))
+    }
+
+    /// A BOOTREQUEST of type `ty` from `mac` (as chaddr).
+    fn dhcp_message(mac: Mac, ty: u8) -> wire::Message {
+        let mut chaddr = [0; 16];
+        chaddr[..6].copy_from_slice(&mac);
+        let mut m = wire::Message { op: 1, htype: 1, hlen: 6, xid: 7, chaddr, ..Default::default() };
+        m.set_option(wire::opt::MESSAGE_TYPE, [ty]);
+        m
+    }
+
+    /// `m` in a frame from `mac` to `dst_mac`, UDP 68→67 between `ips` (source, destination).
+    fn dhcp_frame(m: &wire::Message, mac: Mac, dst_mac: Mac, ips: (Ipv4Addr, Ipv4Addr)) -> Vec<u8> {
         let mut payload = Vec::new();
-        wire::encode(&m, &mut payload);
+        wire::encode(m, &mut payload);
         let mut f = Vec::new();
-        ethernet::write_header(&mut f, [0xff; 6], mac, ethernet::ETHERTYPE_IPV4);
-        udp::write_ipv4_udp(&mut f, (Ipv4Addr::UNSPECIFIED, 68), (Ipv4Addr::BROADCAST, 67), &payload);
+        ethernet::write_header(&mut f, dst_mac, mac, ethernet::ETHERTYPE_IPV4);
+        udp::write_ipv4_udp(&mut f, (ips.0, 68), (ips.1, 67), &payload);
         f
     }
 
